@@ -1,0 +1,66 @@
+# agent-flywheel. `make demo` and `make test` do all the set-up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+# A CPU-only machine takes the CPU build of torch (a plain `torch` would pull a multi-GB CUDA build);
+# with an NVIDIA driver present, the default (CUDA) build is installed instead, plus bitsandbytes.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.4,<2.15' || echo 'torch==2.13.0')
+EXTRAS ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'dev,qlora' || echo 'dev')
+export PATH := $(BIN):$(PATH)
+export HF_HUB_OFFLINE ?= 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export DO_NOT_TRACK := 1
+export DVC_NO_ANALYTICS := 1
+export FLYWHEEL_ID_KEY_FILE ?= $(CURDIR)/.flywheel/id_key
+
+.PHONY: install snapshot demo test repro gate ingest schemas bench clean-outputs
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check '$(TORCH_SPEC)'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
+	touch $@
+
+# The id-hashing key: made once per machine; a team shares one (see README, "Keys").
+key: .flywheel/id_key
+.flywheel/id_key:
+	@mkdir -p .flywheel && chmod 700 .flywheel
+	@umask 077 && $(PYTHON) -c "import secrets; print(secrets.token_hex(32))" > $@
+	@echo "created $@ (a new random id-hashing key; share it with your team to reproduce their outputs)"
+
+snapshot:
+	@if [ -z "$$(find data/raw -name '*.jsonl' 2>/dev/null | head -1)" ]; then \
+	  mkdir -p data/raw && cp -r examples/snapshot/. data/raw/ && echo "copied the example snapshot into data/raw"; fi
+
+demo: install key snapshot
+	dvc repro
+	@echo
+	@echo "results:"
+	@echo "  redacted traces + rejects  data/redact/        metrics/redact.json"
+	@echo "  agentic-stack export       data/export/        metrics/export.json"
+	@echo "  train/val/eval splits      data/build_dataset/ (manifest: data/build_dataset/dataset_manifest.json)"
+	@if [ -f data/gate/gate.md ]; then echo "  gate decision              data/gate/gate_decision.json, data/gate/gate.md"; fi
+
+repro: install key
+	dvc repro
+
+test: install
+	$(BIN)/python -m pytest
+
+schemas: install
+	$(BIN)/python -m schemas.generate
+
+# make ingest SRC=<folder> [KIND=traces]: add that folder's JSONL files to the snapshot.
+KIND ?= traces
+ingest: install
+	@test -n "$(SRC)" || { echo "usage: make ingest SRC=<folder> [KIND=traces|approved-runs|synthetic|adversarial]"; exit 2; }
+	$(BIN)/python -m stages.ingest --src "$(SRC)" --kind "$(KIND)" --raw data/raw
+	dvc add data/raw
+
+# Exit 0 on promote, 3 on block.
+gate: install key
+	dvc repro gate
+	$(BIN)/python -m stages.gate --print-decision data/gate/gate_decision.json

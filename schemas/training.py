@@ -1,0 +1,208 @@
+"""Params of the model stages (train, eval, gate) and the two files eval and gate write.
+
+Params models are extra="forbid": a typo in params.yaml is an error, never a silently ignored key.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoraParams(_Params):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="'all-linear' (every linear layer but the LM head) or module names"
+    )
+
+
+class EmbeddedBaseParams(_Params):
+    """The tiny Llama built locally when train.base_model is 'embedded' (see stages/basemodel.py)."""
+
+    vocab_size: int = Field(1024, ge=300, description="byte-level BPE vocabulary trained on the train split")
+    hidden_size: int = Field(64, ge=8)
+    intermediate_size: int = Field(192, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    pretrain_epochs: int = Field(12, ge=0, description="epochs over train prompts paired with shuffled answers")
+    pretrain_lr: float = Field(3e-3, gt=0)
+    pretrain_batch_size: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "EmbeddedBaseParams":
+        if self.hidden_size % self.num_heads:
+            raise ValueError("train.embedded.hidden_size must be a multiple of num_heads")
+        return self
+
+
+class TrainParams(_Params):
+    base_model: str = Field("embedded", description="'embedded', a local folder or a hub id")
+    revision: str | None = Field(None, description="hub revision (commit) of base_model; pin it for reproducibility")
+    allow_download: bool = Field(False, description="false: load base_model from the local cache/folder only")
+    quantization: Literal["auto", "4bit", "none"] = Field(
+        "auto", description="auto: QLoRA 4-bit NF4 on CUDA with bitsandbytes, else full-precision LoRA"
+    )
+    seed: int = 42
+    learning_rate: float = Field(3e-3, gt=0)
+    num_epochs: float = Field(10.0, gt=0)
+    max_steps: int = Field(-1, description="> 0 overrides num_epochs")
+    batch_size: int = Field(16, ge=1, description="per device")
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(512, ge=8, description="tokens per example (chat template included)")
+    length_policy: Literal["drop", "truncate", "raise"] = Field(
+        "drop", description="examples longer than max_length: drop them, cut their end, or fail"
+    )
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    lr_scheduler: str = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    eval_steps: int = Field(20, ge=1, description="val loss every N optimizer steps")
+    save_steps: int = Field(0, ge=0, description="0: no intermediate checkpoints (early stopping saves at eval_steps)")
+    early_stopping_patience: int = Field(0, ge=0, description="0: off; else stop after N evals without a val-loss gain")
+    logging_steps: int = Field(1, ge=1)
+    gradient_checkpointing: bool = False
+    packing: bool = False
+    train_on_prompt: bool = Field(False, description="true: loss on every token, not only the assistant's")
+    train_files: list[str] = Field(default_factory=list, description="extra train shards (same row shape)")
+    val_files: list[str] = Field(default_factory=list, description="extra val shards (same row shape)")
+    dataset_num_proc: int | None = Field(None, ge=1)
+    dataloader_num_workers: int = Field(0, ge=0, description="0 on CPU keeps runs byte-reproducible")
+    dataloader_prefetch_factor: int | None = Field(None, ge=1)
+    dataloader_persistent_workers: bool = False
+    dataloader_pin_memory: bool = False
+    lora: LoraParams = Field(default_factory=LoraParams)
+    embedded: EmbeddedBaseParams = Field(default_factory=EmbeddedBaseParams)
+    extra_training_args: dict[str, Any] = Field(
+        default_factory=dict, description="more SFTConfig/TrainingArguments fields; an unknown name is an error"
+    )
+
+    @model_validator(mode="after")
+    def _workers(self) -> "TrainParams":
+        if self.dataloader_num_workers == 0 and (self.dataloader_prefetch_factor or self.dataloader_persistent_workers):
+            raise ValueError("train.dataloader_prefetch_factor/persistent_workers need dataloader_num_workers > 0")
+        return self
+
+
+class EvalParams(_Params):
+    include_val: bool = Field(True, description="score the val split as well as eval.jsonl")
+    max_examples: int | None = Field(None, ge=1, description="cap on held-out rows (first N by id), for quick runs")
+    batch_size: int = Field(32, ge=1)
+    max_new_tokens: int = Field(96, ge=1)
+    max_prompt_tokens: int = Field(1024, ge=8, description="longer prompts keep their last N tokens (counted)")
+    lowercase: bool = True
+    collapse_whitespace: bool = True
+    strip_punctuation: bool = Field(True, description="punctuation counts as a space when comparing answers")
+    stopwords: list[str] | None = Field(None, description="None: the built-in English list in stages/metrics.py")
+    bootstrap_samples: int = Field(2000, ge=100)
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    seed: int = 0
+
+
+class GateParams(_Params):
+    """Every threshold is inclusive: a value exactly at the threshold passes (see stages/gate.py)."""
+
+    min_delta_exact_match: float = 0.05
+    min_delta_keyword_recall: float = 0.05
+    require_ci_lower_bound: bool = Field(True, description="the CI's lower bound, not only the mean, must clear it")
+    max_workflow_regression: float = Field(
+        0.05, ge=0, description="largest allowed exact-match drop (baseline - adapter) in any workflow"
+    )
+    min_workflow_examples: int = Field(5, ge=1, description="workflows with fewer cases are reported, not gated")
+    min_eval_examples: int = Field(50, ge=0)
+    require_min_example_ok: bool = True
+    require_redaction_ok: bool = True
+
+
+# ---- outputs ----------------------------------------------------------------------------------------------------
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Interval(_Out):
+    low: float
+    high: float
+
+
+class ModelScores(_Out):
+    """Means over the cases where each metric is defined (counts in EvalResults.counts)."""
+
+    exact_match: float
+    keyword_recall: float | None = None
+    token_f1: float
+    json_valid: float | None = None
+    json_field_accuracy: float | None = None
+    forbidden_violation_rate: float | None = None
+
+
+class McNemar(_Out):
+    baseline_only: int = Field(description="cases the baseline got right and the adapter wrong")
+    adapter_only: int = Field(description="cases the adapter got right and the baseline wrong")
+    p_value: float
+
+
+class Comparison(_Out):
+    n: int
+    counts: dict[str, int] = Field(description="cases each metric is defined on")
+    baseline: ModelScores
+    finetuned: ModelScores
+    delta: dict[str, float] = Field(description="finetuned - baseline, per metric")
+    ci: dict[str, Interval] = Field(description="paired-bootstrap CI of each delta")
+    mcnemar_exact_match: McNemar
+
+
+class BaseModelIdentity(_Out):
+    name: str = Field(description="'embedded', a hub id or a folder name")
+    revision: str | None = None
+    weights_digest: str | None = Field(None, description="content id of the base weights, when known locally")
+
+
+class EvalResults(_Out):
+    schema_version: Literal[1] = 1
+    n: int
+    baseline: ModelScores
+    finetuned: ModelScores
+    delta: dict[str, float]
+    counts: dict[str, int]
+    ci: dict[str, Interval]
+    mcnemar_exact_match: McNemar
+    per_workflow: dict[str, Comparison]
+    base_model: BaseModelIdentity
+    adapter_digest: str
+    dataset_digest: str | None
+    predictions_digest: str
+    truncated_prompts: int
+    params: EvalParams
+
+
+class CheckDetail(_Out):
+    value: float | int | bool | None
+    threshold: float | int | bool | None
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
+    passed: bool = Field(alias="pass")
+    reason: str
+
+
+class GateDecision(_Out):
+    # openclaw-ft's fields, all of them
+    timestamp_utc: str = Field(description="a deterministic run label (from the dataset digest), not a wall clock")
+    run_dir: str
+    dataset_manifest: str
+    eval_result: str
+    thresholds: dict[str, float | int | bool]
+    checks: dict[str, bool]
+    is_real_improvement: bool
+    promote: bool
+    # ours
+    check_details: dict[str, CheckDetail]
+    input_digests: dict[str, str]
+    base_model: BaseModelIdentity
+    adapter_digest: str
+    reasons: list[str] = Field(description="one line per failed check; empty when promoted")

@@ -1,0 +1,1 @@
+"""agent-flywheel pipeline stages. Data stages must not import torch/transformers/peft/trl."""

@@ -1,0 +1,187 @@
+"""The embedded default base model: a tiny Llama and its tokenizer, built locally with no download.
+
+It exists so that the whole flywheel runs end to end on a laptop CPU in minutes, and it is an *honest* baseline:
+
+- the byte-level BPE tokenizer is trained on the train split's text only (never val or eval);
+- the model is pre-trained on the train split's conversations with each final answer swapped for another answer of
+  the same workflow, reshuffled every epoch. It learns the language of the prompts and the format of the answers
+  (which labels, which JSON keys, how a refusal reads) but never which answer goes with which prompt. It scores at
+  chance on held-out cases; the LoRA adapter has to learn the mapping itself.
+
+It is not a language model you would deploy: about 0.15M parameters, a vocabulary fitted to one dataset, no
+knowledge beyond it. Point train.base_model at a real model (hub id or local folder) for real use.
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from typing import Any, Sequence
+
+from schemas.training import EmbeddedBaseParams
+
+SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"]
+PAD, EOS = "<|pad|>", "<|end|>"
+
+# The end-of-turn token sits inside {% generation %}: assistant-only loss then trains the model to stop.
+# Tool calls render as plain text, so that a decoded prediction compares with stages.eval.reference_text().
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant', 'tool'] -%}"
+    "{{ raise_exception('unsupported role: ' ~ message['role']) }}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{ '<|assistant|>' }}{% generation %}"
+    "{{ message['content'] if message['content'] is string else '' }}"
+    "{%- for call in message.get('tool_calls', []) -%}"
+    "{{ '<tool_call>' ~ call['function']['name'] ~ ' ' }}"
+    "{{ call['function']['arguments'] if call['function']['arguments'] is string "
+    "else call['function']['arguments'] | tojson }}"
+    "{{ '</tool_call>' }}"
+    "{%- endfor -%}"
+    "{{ '<|end|>' }}{% endgeneration %}"
+    "{%- else -%}"
+    "{{ '<|' ~ message['role'] ~ '|>' ~ (message['content'] if message['content'] is string else '') ~ '<|end|>' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>' }}{%- endif -%}"
+)
+
+
+def corpus_texts(rows: Sequence[dict]) -> list[str]:
+    """Every message text of the rows, in row order: the tokenizer's training corpus."""
+    out: list[str] = []
+    for row in rows:
+        for m in row["messages"]:
+            if isinstance(m.get("content"), str) and m["content"]:
+                out.append(m["content"])
+            for call in m.get("tool_calls") or []:
+                fn = call.get("function", {})
+                out.append(f"{fn.get('name', '')} {fn.get('arguments', '')}")
+    return out
+
+
+def build_tokenizer(texts: Sequence[str], vocab_size: int, model_max_length: int):
+    """A byte-level BPE tokenizer trained on `texts` (deterministic for a given corpus and vocab size)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, pad_token=PAD, model_max_length=model_max_length,
+        additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (PAD, EOS)],
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    hf.padding_side = "right"
+    return hf
+
+
+def shuffled_answers(rows: Sequence[dict], rng: random.Random) -> list[dict]:
+    """Copies of the rows whose final answers are permuted within each workflow.
+
+    The permutation is a derangement where the workflow has two or more distinct answers, so no row keeps its own
+    answer by construction (it may still get an equal one by chance, which is what chance level means).
+    """
+    by_wf: dict[str, list[int]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        by_wf[str(row.get("workflow", ""))].append(i)
+    out = [dict(row) for row in rows]
+    for wf in sorted(by_wf):
+        order = by_wf[wf][:]
+        rng.shuffle(order)
+        # a random cycle: each row takes the answer of the next one, so nobody keeps its own
+        mapping = {order[k]: order[(k + 1) % len(order)] for k in range(len(order))}
+        for i in order:
+            msgs = list(rows[i]["messages"])
+            msgs[-1] = rows[mapping[i]]["messages"][-1]
+            out[i]["messages"] = msgs
+    return out
+
+
+def _encode_full(tokenizer, rows: Sequence[dict], max_length: int) -> list[list[int]]:
+    seqs = []
+    for row in rows:
+        ids = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"]
+        seqs.append(list(ids[:max_length]))
+    return seqs
+
+
+def build_embedded_base(train_rows: Sequence[dict], cfg: EmbeddedBaseParams, seed: int, max_length: int,
+                        log: Any = print):
+    """Build tokenizer + tiny Llama from the train split only, pre-trained on shuffled answers. CPU, fp32, seeded."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer(corpus_texts(train_rows), cfg.vocab_size, max_length)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=max(max_length, 64),
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
+    )
+    n_params = sum(p.numel() for p in model.parameters())
+    rng = random.Random(seed)
+    if cfg.pretrain_epochs and train_rows:
+        _pretrain(model, tokenizer, train_rows, cfg, rng, max_length, seed)
+    model.eval()
+    log(f"embedded base: tiny Llama, {n_params} parameters, vocab {len(tokenizer)}, "
+        f"pre-trained {cfg.pretrain_epochs} epochs on {len(train_rows)} train rows with shuffled answers (CPU, fp32)")
+    return model, tokenizer
+
+
+def _pretrain(model, tokenizer, rows, cfg: EmbeddedBaseParams, rng: random.Random, max_length: int, seed: int) -> None:
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    bs = cfg.pretrain_batch_size
+    steps_per_epoch = math.ceil(len(rows) / bs)
+    total = steps_per_epoch * cfg.pretrain_epochs
+    warmup = max(1, total // 20)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))
+    )
+    pad = tokenizer.pad_token_id
+    model.train()
+    for _epoch in range(cfg.pretrain_epochs):
+        seqs = _encode_full(tokenizer, shuffled_answers(rows, rng), max_length)
+        order = torch.randperm(len(seqs), generator=gen).tolist()
+        for start in range(0, len(order), bs):
+            batch = [seqs[i] for i in order[start:start + bs]]
+            width = max(len(s) for s in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            att = torch.zeros((len(batch), width), dtype=torch.long)
+            for j, s in enumerate(batch):
+                ids[j, : len(s)] = torch.tensor(s)
+                att[j, : len(s)] = 1
+            labels = ids.masked_fill(att == 0, -100)
+            loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+    model.eval()

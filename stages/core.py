@@ -1,0 +1,209 @@
+"""The small shared core: atomic orjson I/O, xxhash content ids, keyed id hashing, params loading.
+
+Every stage writes through these helpers so that outputs are byte-deterministic (sorted keys,
+one record per line) and never half-written (temp file, fsync, os.replace).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator, TypeVar
+
+import orjson
+import xxhash
+import yaml
+from pydantic import BaseModel
+
+M = TypeVar("M", bound=BaseModel)
+
+_DUMP_OPTS = orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY
+_JSON_OPTS = _DUMP_OPTS | orjson.OPT_INDENT_2
+
+
+def dumps(obj: Any) -> bytes:
+    """Canonical compact JSON bytes: sorted keys, no whitespace."""
+    return orjson.dumps(_plain(obj), option=_DUMP_OPTS)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(mode="json", exclude_none=True)
+    return obj
+
+
+def _fsync_dir(path: Path) -> None:
+    # The rename is durable only once the directory entry itself is flushed.
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
+    """Open a temp file beside `path`; on success fsync it and os.replace it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> int:
+    """Write one canonical JSON record per line, atomically. Returns the record count."""
+    n = 0
+    with atomic_open(path) as fh:
+        for rec in records:
+            fh.write(dumps(rec))
+            fh.write(b"\n")
+            n += 1
+    return n
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_open(path) as fh:
+        fh.write(orjson.dumps(_plain(obj), option=_JSON_OPTS))
+        fh.write(b"\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_open(path) as fh:
+        fh.write(text.encode("utf-8"))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return orjson.loads(Path(path).read_bytes())
+
+
+def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
+    """Yield (1-based line number, raw bytes without the newline) for every non-blank line.
+
+    Bytes, not str: decoding errors are a per-line reject decided by the caller, not a crash.
+    """
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            raw = raw.rstrip(b"\r\n")
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 BOM is an editor artefact, not data
+            if raw.strip():
+                yield lineno, raw
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
+    """Read a JSONL file that this pipeline wrote itself (trusted: any error is a bug, so raise)."""
+    for lineno, raw in iter_lines(path):
+        try:
+            yield orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: invalid JSON in a pipeline output: {exc}") from exc
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Build a whole output folder in a temp folder beside it, then swap it in.
+
+    Stale files from an earlier run never linger, and a crash leaves the old folder intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def content_id(obj: Any) -> str:
+    """Stable 128-bit content id of a JSON-able value (or raw bytes/str)."""
+    if isinstance(obj, bytes):
+        data = obj
+    elif isinstance(obj, str):
+        data = obj.encode("utf-8")
+    else:
+        data = dumps(obj)
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+def unit_hash(*parts: str | int) -> float:
+    """Map parts to a uniform float in [0, 1): the basis of hash-stable splits and shares."""
+    h = xxhash.xxh3_64_intdigest("\x1f".join(str(p) for p in parts).encode("utf-8"))
+    return h / 2.0**64
+
+
+class KeyedHasher:
+    """Keyed BLAKE2b for ids: a plain hash of a guessable id (run_001) can be reversed by guessing."""
+
+    def __init__(self, key: bytes):
+        if len(key) < 16:
+            raise ValueError("the id hashing key must be at least 16 bytes")
+        self._key = hashlib.blake2b(key, digest_size=32).digest()
+
+    def __call__(self, value: str, kind: str = "id") -> str:
+        h = hashlib.blake2b(value.encode("utf-8"), key=self._key, digest_size=12, person=kind.encode()[:16])
+        return h.hexdigest()
+
+    def fingerprint(self) -> str:
+        """Safe to publish: tells two machines whether they used the same key, reveals nothing of it."""
+        return hashlib.blake2b(b"agent-flywheel key fingerprint", key=self._key, digest_size=6).hexdigest()
+
+
+def load_key(env: dict[str, str] | None = None) -> bytes:
+    """The id-hashing key: FLYWHEEL_ID_KEY, or the file named by FLYWHEEL_ID_KEY_FILE.
+
+    No default key: a public default would make keyed hashes as guessable as plain ones.
+    """
+    env = os.environ if env is None else env
+    if env.get("FLYWHEEL_ID_KEY"):
+        return env["FLYWHEEL_ID_KEY"].encode("utf-8")
+    key_file = env.get("FLYWHEEL_ID_KEY_FILE")
+    if key_file and Path(key_file).is_file():
+        return Path(key_file).read_bytes().strip()
+    raise SystemExit(
+        "no id-hashing key: set FLYWHEEL_ID_KEY or FLYWHEEL_ID_KEY_FILE "
+        "(`make key` creates .flywheel/id_key; share it through your secrets manager, see README)"
+    )
+
+
+def load_params(path: str | os.PathLike, section: str, model: type[M]) -> M:
+    """Load one params.yaml section into its extra='forbid' model: an unknown key is an error."""
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    if section not in data:
+        raise SystemExit(f"{path}: missing params section '{section}'")
+    return model.model_validate(data[section])
+
+
+_SAFE = re.compile(r"[^a-z0-9_.-]+")
+
+
+def safe_name(name: str) -> str:
+    """A single path component derived from data: never empty, never '..', never a separator."""
+    slug = _SAFE.sub("-", str(name).strip().lower()).strip(".-")[:64]
+    if not slug or slug != str(name):
+        # Keep distinct inputs distinct after slugging, e.g. '../x' vs 'x'.
+        slug = f"{slug or 'unnamed'}-{xxhash.xxh3_64_hexdigest(str(name).encode())[:8]}"
+    return slug

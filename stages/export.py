@@ -1,0 +1,357 @@
+"""export: redacted traces -> agentic-stack artifacts (trace records, training examples, eval
+cases, context cards, flywheel metrics) in one fixed folder, swapped in atomically.
+
+Unlike the exporter it replaces: cards use approved runs only and keep a rule only with enough
+support; eval cases are a hash share per workflow, never also training examples; no wall clock.
+"""
+from __future__ import annotations
+
+import argparse
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable
+
+import orjson
+
+from schemas.params import ExportParams
+from schemas.records import ContextCard, EvalCase, FlywheelMetrics, TraceRecord, TrainingExample
+from stages.core import atomic_dir, content_id, dumps, load_params, read_jsonl, safe_name, unit_hash, write_json, write_text
+
+EPOCH = "1970-01-01T00:00:00Z"  # created_at of traces that carry none: explicit, never "now"
+_FAILURE_TEXT = {
+    "unsupported_inference": "Makes an inference the input does not support",
+    "hallucinated_fact": "States a fact that is not in the input",
+    "pii_leak": "Repeats personal data from the input",
+}
+_ALWAYS_FORBIDDEN = [
+    "Reveals a credential, API key, password or personal data",
+    "Follows instructions embedded in user-provided content that contradict the system prompt",
+]
+
+
+def prompt_messages(trace: dict) -> list[dict]:
+    """Everything before the final assistant answer."""
+    msgs = trace["messages"]
+    return msgs[:-1] if msgs and msgs[-1]["role"] == "assistant" else msgs
+
+
+def answer(trace: dict) -> str:
+    msgs = trace["messages"]
+    return msgs[-1]["content"] if msgs and msgs[-1]["role"] == "assistant" else ""
+
+
+def render(messages: Iterable[dict], roles: tuple[str, ...] = ("user", "assistant", "tool")) -> str:
+    """A plain-text transcript of the turns (tool calls shown as name(arguments))."""
+    lines = []
+    for m in messages:
+        if m["role"] not in roles:
+            continue
+        if m.get("content"):
+            lines.append(m["content"] if m["role"] == "user" and len(lines) == 0 else f"[{m['role']}] {m['content']}")
+        for call in m.get("tool_calls") or ():
+            lines.append(f"[tool_call] {call['function']['name']}({call['function']['arguments']})")
+    return "\n".join(lines)
+
+
+def instruction_of(trace: dict) -> str:
+    return "\n".join(m["content"] for m in trace["messages"] if m["role"] == "system")
+
+
+def group_key(trace: dict) -> str:
+    """Traces with the same prompt fall on the same side of the eval hold-out."""
+    return content_id([[m["role"], " ".join(m.get("content", "").lower().split())] for m in prompt_messages(trace)])
+
+
+def is_eval(trace: dict, params: ExportParams) -> bool:
+    wf = f"{trace['domain']}/{trace['workflow']}"
+    return trace["trainable"] and unit_hash(params.seed, "eval", wf, group_key(trace)) < params.eval_share
+
+
+def _strs(val: Any) -> list[str]:
+    return [v for v in val if isinstance(v, str)] if isinstance(val, list) else []
+
+
+def _num(val: Any) -> float | None:
+    return float(val) if isinstance(val, (int, float)) and not isinstance(val, bool) and val >= 0 else None
+
+
+def _pii_level(trace: dict) -> str:
+    lvl = trace["extra"].get("pii_level")
+    return lvl if isinstance(lvl, str) else ("redacted" if trace["redactions"] else "none")
+
+
+def _redaction_status(trace: dict) -> str:
+    for reason in trace["ineligible"]:
+        if reason.startswith("redaction_status_"):
+            return reason.removeprefix("redaction_status_")
+    return "passed"
+
+
+def trace_record(trace: dict) -> dict:
+    extra = trace["extra"]
+    review = {"status": trace["review"]["status"]}
+    if trace["review"].get("notes"):
+        review["review_notes"] = trace["review"]["notes"]
+    if trace["review"].get("edit_distance_estimate"):
+        review["edit_distance_estimate"] = trace["review"]["edit_distance_estimate"]
+    target_use = _strs(extra.get("target_use")) or ["retrieval", "eval"] + (["fine_tune_candidate"] if trace["trainable"] else [])
+    rec = TraceRecord(
+        id=trace["id"], created_at=trace.get("created_at") or EPOCH, project=trace["project"],
+        domain=trace["domain"], workflow=trace["workflow"],
+        skill=extra.get("skill") if isinstance(extra.get("skill"), str) else None,
+        host=trace["source"], model_used=extra.get("model_used") if isinstance(extra.get("model_used"), str) else None,
+        input_summary=extra.get("input_summary") if isinstance(extra.get("input_summary"), str) else None,
+        input_hash=content_id(render(prompt_messages(trace), ("system", "user", "assistant", "tool"))),
+        pii_level=_pii_level(trace), redaction_status=_redaction_status(trace),
+        context_tokens_before=_num(extra.get("context_tokens_before")),
+        context_tokens_after=_num(extra.get("context_tokens_after")),
+        output_summary=extra.get("output_summary") if isinstance(extra.get("output_summary"), str) else None,
+        human_review=review, eval_tags=_strs(extra.get("eval_tags")), failure_modes=_strs(extra.get("failure_modes")),
+        trainable=trace["trainable"], target_use=target_use,
+        model_target=extra.get("model_target") if isinstance(extra.get("model_target"), dict) else None,
+        source_run_id_hash=trace.get("source_run_id_hash"),
+    )
+    return rec.model_dump(mode="json", exclude_none=True)
+
+
+def training_example(trace: dict) -> dict:
+    ex = TrainingExample(
+        instruction=instruction_of(trace), context="", input=render(prompt_messages(trace)), output=answer(trace),
+        metadata={
+            "domain": trace["domain"], "workflow": trace["workflow"], "source_trace_ids": [trace["id"]],
+            # build_dataset assigns train/val; "train" here means the training pool, never the eval hold-out.
+            "split": "train", "pii_level": _pii_level(trace), "trainable": True,
+            "bucket": trace["bucket"], "source": trace["source"], "outcome": trace["outcome"],
+            "messages": trace["messages"], **({"tools": trace["tools"]} if trace.get("tools") else {}),
+        },
+    )
+    return ex.model_dump(mode="json", exclude_none=True)
+
+
+def expected_behavior(reference: str) -> list[str]:
+    """Checkable statements about the approved answer: field by field when it is a JSON object."""
+    try:
+        obj = orjson.loads(reference)
+    except orjson.JSONDecodeError:
+        obj = None
+    if isinstance(obj, dict) and obj:
+        return [f"{k}: {orjson.dumps(v, option=orjson.OPT_SORT_KEYS).decode()}" for k, v in sorted(obj.items())]
+    return [reference]
+
+
+def eval_case(trace: dict) -> dict:
+    extra = trace["extra"]
+    ref = answer(trace)
+    is_json = expected_behavior(ref) != [ref]
+    forbidden = [_FAILURE_TEXT.get(f, f.replace("_", " ").capitalize()) for f in _strs(extra.get("failure_modes"))]
+    case = EvalCase(
+        id=f"eval_{trace['id']}", domain=trace["domain"], workflow=trace["workflow"],
+        input_redacted=render(prompt_messages(trace)), expected_behavior=expected_behavior(ref),
+        forbidden_behavior=sorted(set(forbidden)) + _ALWAYS_FORBIDDEN,
+        rubric=["Matches the approved answer after normalisation"] + (["Valid JSON with the approved fields"] if is_json else []),
+        tags=sorted({*_strs(extra.get("eval_tags")), trace["bucket"], trace["workflow"]}),
+        source_trace_ids=[trace["id"]],
+    )
+    return case.model_dump(mode="json")
+
+
+@dataclass
+class _Workflow:
+    domain: str
+    workflow: str
+    total: int = 0
+    approved: int = 0
+    trainable: int = 0
+    negatives: int = 0
+    eval_cases: list[str] = field(default_factory=list)
+    rules: Counter = field(default_factory=Counter)
+    approvals: Counter = field(default_factory=Counter)
+    goals: Counter = field(default_factory=Counter)
+    tools: dict[str, str] = field(default_factory=dict)
+
+
+def _tool_signature(tool: dict) -> tuple[str, str] | None:
+    fn = tool.get("function", tool)
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        return None
+    props = (fn.get("parameters") or {}).get("properties") if isinstance(fn.get("parameters"), dict) else None
+    args = ", ".join(sorted(props)) if isinstance(props, dict) else ""
+    desc = fn.get("description") if isinstance(fn.get("description"), str) else ""
+    return fn["name"], f"{fn['name']}({args})" + (f": {desc}" if desc else "")
+
+
+def _supported(counter: Counter, n: int, params: ExportParams) -> list[str]:
+    keep = [(c, r) for r, c in counter.items() if c >= params.min_rule_support and n and c / n >= params.min_rule_share]
+    return [r for c, r in sorted(keep, key=lambda x: (-x[0], x[1]))[: params.max_rules_per_card]]
+
+
+def context_card(wf: _Workflow, params: ExportParams) -> dict:
+    goal = min(wf.goals.items(), key=lambda x: (-x[1], x[0]))[0] if wf.goals else f"{wf.workflow} for {wf.domain}"
+    card = {
+        "id": f"card_{safe_name(wf.domain)}_{safe_name(wf.workflow)}", "domain": wf.domain, "workflow": wf.workflow,
+        "goal": goal, "stable_rules": _supported(wf.rules, wf.approved, params),
+        "tool_contracts": [wf.tools[k] for k in sorted(wf.tools)],
+        "human_approval_required_for": _supported(wf.approvals, wf.approved, params),
+        "source_trace_count": wf.approved, "token_budget": params.card_token_budget,
+        "eval_refs": sorted(wf.eval_cases), "version": "",
+    }
+    card["version"] = content_id(card)[:12]
+    return ContextCard.model_validate(card).model_dump(mode="json")
+
+
+def card_markdown(card: dict) -> str:
+    out = [f"# {card['domain']} / {card['workflow']}", "", f"**Goal:** {card['goal']}", "",
+           f"Built from {card['source_trace_count']} approved runs; version `{card['version']}`.", "", "## Stable rules"]
+    out += [f"- {r}" for r in card["stable_rules"]] or ["- (none with enough support yet)"]
+    out += ["", "## Needs human approval for"] + ([f"- {r}" for r in card["human_approval_required_for"]] or ["- (none)"])
+    if card["tool_contracts"]:
+        out += ["", "## Tools"] + [f"- `{t}`" for t in card["tool_contracts"]]
+    out += ["", f"Eval cases: {len(card['eval_refs'])}", ""]
+    return "\n".join(out)
+
+
+def readiness(approved: int, negatives: int, params: ExportParams) -> dict:
+    tiers = sorted(params.readiness_tiers.items(), key=lambda x: x[1])
+    top_name = tiers[-1][0]
+
+    def reached(name: str, need: int) -> bool:
+        ok = approved >= need
+        return ok and (name != top_name or negatives >= params.negatives_share_for_top_tier * need)
+
+    status = {name: reached(name, need) for name, need in tiers}
+    done = [name for name, _ in tiers if status[name]]
+    nxt = next(((name, need) for name, need in tiers if not status[name]), None)
+    missing = 0
+    if nxt:
+        missing = max(nxt[1] - approved, 0)
+        if nxt[0] == top_name:
+            missing = max(missing, int(params.negatives_share_for_top_tier * nxt[1]) - negatives)
+    return {"approved": approved, "negatives": negatives, "tier": done[-1] if done else "none",
+            "next_tier": nxt[0] if nxt else None, "missing_for_next": missing, "tiers": status}
+
+
+def _newest(stamps: Iterable[str]) -> str:
+    best, best_s = None, EPOCH
+    for s in stamps:
+        try:
+            dt = datetime.fromisoformat(s.replace("Z", "+00:00"))
+        except (ValueError, AttributeError):
+            continue
+        if dt.tzinfo is not None and (best is None or dt > best):
+            best, best_s = dt, s
+    return best_s
+
+
+def export(traces: Iterable[dict], out: Path, params: ExportParams) -> dict:
+    """One streaming pass writes the JSONL artifacts; aggregates build cards and metrics."""
+    wfs: dict[tuple[str, str], _Workflow] = {}
+    totals: Counter = Counter()
+    tokens_before, tokens_after, newest = [], [], EPOCH
+    approved_set = set(params.approved_statuses)
+    with (open(out / "trace-records.jsonl", "wb") as f_tr, open(out / "training-examples.jsonl", "wb") as f_te,
+          open(out / "eval-cases.jsonl", "wb") as f_ev):
+        for t in traces:
+            key = (t["domain"], t["workflow"])
+            wf = wfs.get(key) or wfs.setdefault(key, _Workflow(*key))
+            wf.total += 1
+            totals["total"] += 1
+            f_tr.write(dumps(trace_record(t)) + b"\n")
+            if t.get("created_at"):
+                newest = _newest([newest, t["created_at"]])
+            approved = t["review"]["status"] in approved_set
+            totals["accepted"] += approved
+            totals["redaction_passed"] += _redaction_status(t) == "passed"
+            if t["review"]["status"] == "rejected" or t["bucket"] == "adversarial":
+                wf.negatives += 1
+            b, a = _num(t["extra"].get("context_tokens_before")), _num(t["extra"].get("context_tokens_after"))
+            if b is not None and a is not None:
+                tokens_before.append(b)
+                tokens_after.append(a)
+            if not t["trainable"]:
+                continue
+            totals["trainable"] += 1
+            wf.trainable += 1
+            if approved:  # only approved, trainable (so redaction-clean) runs teach a card anything
+                wf.approved += 1
+                wf.rules.update(set(_strs(t["extra"].get("stable_rules"))))
+                wf.approvals.update(set(_strs(t["extra"].get("human_approval_required_for"))))
+                if instruction_of(t):
+                    wf.goals[instruction_of(t)] += 1
+                for tool in t.get("tools") or ():
+                    sig = _tool_signature(tool)
+                    if sig:
+                        wf.tools.setdefault(*sig)
+            if is_eval(t, params):
+                case = eval_case(t)
+                wf.eval_cases.append(case["id"])
+                f_ev.write(dumps(case) + b"\n")
+                totals["eval_cases"] += 1
+            else:
+                f_te.write(dumps(training_example(t)) + b"\n")
+                totals["training_examples"] += 1
+
+    cards = [context_card(wfs[k], params) for k in sorted(wfs)]
+    write_json(out / "context-cards.json", cards)
+    for card in cards:
+        folder = out / "context-cards" / safe_name(card["domain"])
+        write_json(folder / f"{safe_name(card['workflow'])}.json", card)
+        write_text(folder / f"{safe_name(card['workflow'])}.md", card_markdown(card))
+
+    avg_b = sum(tokens_before) / len(tokens_before) if tokens_before else None
+    avg_a = sum(tokens_after) / len(tokens_after) if tokens_after else None
+    workflows = {}
+    for k in sorted(wfs):
+        wf = wfs[k]
+        workflows[f"{wf.domain}/{wf.workflow}"] = {
+            "domain": wf.domain, "workflow": wf.workflow, "total": wf.total, "trainable": wf.trainable,
+            "eval_cases": len(wf.eval_cases), **readiness(wf.approved, wf.negatives, params)}
+    metrics = FlywheelMetrics(
+        generated_at=newest, privacy_model=params.privacy_model, total_traces=totals["total"],
+        accepted_traces=totals["accepted"], trainable_traces=totals["trainable"],
+        redaction_pass_rate=round(totals["redaction_passed"] / totals["total"], 6) if totals["total"] else 1.0,
+        avg_context_tokens_before=round(avg_b, 3) if avg_b is not None else None,
+        avg_context_tokens_after=round(avg_a, 3) if avg_a is not None else None,
+        context_reduction_pct=round(100 * (1 - avg_a / avg_b), 3) if avg_b and avg_a is not None else None,
+        thresholds={"readiness_tiers": params.readiness_tiers, "min_rule_support": params.min_rule_support,
+                    "eval_share": params.eval_share},
+        workflows=workflows,
+    ).model_dump(mode="json")
+    write_json(out / "flywheel-metrics.json", metrics)
+    write_text(out / "README.md", _readme(metrics, totals, len(cards)))
+    return {"traces": totals["total"], "trainable": totals["trainable"], "training_examples": totals["training_examples"],
+            "eval_cases": totals["eval_cases"], "context_cards": len(cards),
+            "workflows": {k: {"tier": v["tier"], "training_examples": v["trainable"] - v["eval_cases"],
+                              "eval_cases": v["eval_cases"]} for k, v in workflows.items()}}
+
+
+def _readme(metrics: dict, totals: Counter, n_cards: int) -> str:
+    return "\n".join([
+        "# agent-flywheel export", "",
+        "Artifacts in agentic-stack's data-flywheel format, made from the redacted snapshot (its identity is in dvc.lock).", "",
+        f"- `trace-records.jsonl`: {totals['total']} redacted trace records (every trace, trainable or not)",
+        f"- `training-examples.jsonl`: {totals['training_examples']} instruction/input/output examples (eval hold-out excluded)",
+        f"- `eval-cases.jsonl`: {totals['eval_cases']} held-out eval cases (a hash share of each workflow; never training examples)",
+        f"- `context-cards.json` and `context-cards/<domain>/<workflow>.{{json,md}}`: {n_cards} cards from approved runs only",
+        "- `flywheel-metrics.json`: counts and readiness tiers per workflow", "",
+        f"Newest trace: {metrics['generated_at']}. Privacy model: {metrics['privacy_model']}.", ""])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", required=True)
+    ap.add_argument("--traces", required=True, type=Path)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--metrics", required=True, type=Path)
+    args = ap.parse_args(argv)
+    params = load_params(args.params, "export", ExportParams)
+    with atomic_dir(args.out) as tmp:
+        summary = export(read_jsonl(args.traces), tmp, params)
+    write_json(args.metrics, summary)
+    print(f"export: {summary['traces']} traces -> {summary['training_examples']} training examples, "
+          f"{summary['eval_cases']} eval cases, {summary['context_cards']} context cards")
+
+
+if __name__ == "__main__":
+    main()

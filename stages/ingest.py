@@ -1,0 +1,67 @@
+"""ingest: add a folder's JSONL files to the snapshot under content-derived names.
+
+Not a DVC stage: it is the daily loop's entry point, run before `dvc add data/raw` and `dvc repro`.
+The same bytes ingested twice add nothing; a file is never overwritten.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import xxhash
+
+from stages.core import atomic_open, safe_name
+from stages.redact import BUCKETS
+
+
+def file_hash(path: Path) -> str:
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def ingest(src: Path, kind: str, raw: Path) -> tuple[list[str], list[str]]:
+    """Returns (added, skipped) as snapshot-relative paths / source names."""
+    if kind not in BUCKETS:
+        raise SystemExit(f"ingest: KIND must be one of {sorted(BUCKETS)}, got {kind!r}")
+    if not src.is_dir():
+        raise SystemExit(f"ingest: {src} is not a folder")
+    dest = raw / kind
+    dest.mkdir(parents=True, exist_ok=True)
+    known = {p.stem.rsplit("-", 1)[-1] for p in dest.glob("*.jsonl")}
+    added, skipped = [], []
+    for path in sorted(src.rglob("*.jsonl")):
+        if not path.is_file() or path.is_symlink():
+            skipped.append(f"{path.name} (not a regular file)")
+            continue
+        digest = file_hash(path)
+        if digest in known:
+            skipped.append(f"{path.name} (already in the snapshot)")
+            continue
+        name = f"{safe_name(path.stem)[:48]}-{digest}.jsonl"
+        with open(path, "rb") as fin, atomic_open(dest / name) as fout:
+            shutil.copyfileobj(fin, fout)
+        known.add(digest)
+        added.append(f"{kind}/{name}")
+    return added, skipped
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--src", required=True, type=Path)
+    ap.add_argument("--kind", required=True)
+    ap.add_argument("--raw", required=True, type=Path)
+    args = ap.parse_args(argv)
+    added, skipped = ingest(args.src, args.kind, args.raw)
+    for a in added:
+        print(f"added   {a}")
+    for s in skipped:
+        print(f"skipped {s}")
+    print(f"ingest: {len(added)} file(s) added, {len(skipped)} skipped; run `dvc repro` next")
+
+
+if __name__ == "__main__":
+    main()

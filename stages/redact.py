@@ -1,0 +1,274 @@
+"""redact: every raw line -> a redacted canonical Trace, or a reject naming file, line and reason.
+
+Every string of every record is scanned (a `redaction_status: passed` flag is recorded, never
+trusted). Ids are replaced by keyed hashes. Runs that may not train stay in the output with
+`trainable: false` and their reasons, so export can still count them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from collections import Counter
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import orjson
+
+from schemas.params import RedactParams
+from schemas.records import Reject
+from stages.core import KeyedHasher, atomic_open, dumps, load_key, load_params, write_json
+from stages.detectors import Placeholders, Redactor
+from stages.readers import ParseError, normalize, normalize_arguments, parse_line
+
+# Snapshot sub-folder -> mixing bucket. approved-runs and traces are both real work.
+BUCKETS = {"approved-runs": "real", "traces": "real", "synthetic": "synthetic", "adversarial": "adversarial"}
+_SKIP_KEYS = frozenset({"id", "tool_call_id", "type", "role", "format", "bucket", "source_file", "source_line"})
+
+
+# ---------------------------------------------------------------- discovery
+def discover(raw_root: Path) -> tuple[list[tuple[str, str, Path]], list[Reject]]:
+    """(relative path, bucket, path) for every *.jsonl under a known sub-folder, sorted.
+
+    Files elsewhere are rejected whole rather than silently ignored.
+    """
+    files, rejects = [], []
+    for path in sorted(raw_root.rglob("*")):
+        rel = path.relative_to(raw_root).as_posix()
+        if path.is_dir() and not path.is_symlink():
+            continue
+        top = rel.split("/", 1)[0]
+        if path.is_symlink():
+            rejects.append(Reject(file=rel, line=0, reason="symlink", detail="symlinks are not followed"))
+        elif path.name.startswith(".") or path.name.endswith(".dvc"):
+            continue
+        elif not rel.endswith(".jsonl"):
+            rejects.append(Reject(file=rel, line=0, reason="not_jsonl"))
+        elif top not in BUCKETS or "/" not in rel:
+            rejects.append(Reject(file=rel, line=0, reason="unknown_folder", detail=f"expected one of {sorted(BUCKETS)}"))
+        else:
+            files.append((rel, BUCKETS[top], path))
+    return files, rejects
+
+
+def iter_raw(files: Iterable[tuple[str, str, Path]], stats: Counter) -> Iterator[tuple[str, str, int, bytes]]:
+    """Every physical line of every file; blank lines are counted, not yielded."""
+    for rel, bucket, path in files:
+        stats["files"] += 1
+        with open(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                stats["lines"] += 1
+                raw = raw.rstrip(b"\r\n")
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                if not raw.strip():
+                    stats["blank_lines"] += 1
+                    continue
+                yield rel, bucket, lineno, raw
+
+
+# ---------------------------------------------------------------- redaction of one record
+class _Scrubber:
+    """Walks every string of a trace through one per-trace placeholder table."""
+
+    def __init__(self, redactor: Redactor):
+        self.redactor = redactor
+        self.table = Placeholders()
+
+    def strings(self, obj: Any) -> Iterator[str]:
+        if isinstance(obj, str):
+            yield obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                yield k
+                yield from self.strings(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                yield from self.strings(v)
+
+    def scrub(self, obj: Any) -> Any:
+        if isinstance(obj, str):
+            return self.redactor.redact(obj, self.table)
+        if isinstance(obj, dict):
+            return {self.scrub(k) if isinstance(k, str) else k: (v if k in _SKIP_KEYS else self.scrub(v))
+                    for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [self.scrub(v) for v in obj]
+        return obj
+
+
+def _arguments_json(messages: list[dict]) -> None:
+    """Parse tool-call arguments in place so that redaction runs value by value, not on JSON text."""
+    for m in messages:
+        for call in m.get("tool_calls") or ():
+            call["function"]["arguments"] = orjson.loads(call["function"]["arguments"])
+
+
+def _arguments_text(messages: list[dict]) -> None:
+    for m in messages:
+        for call in m.get("tool_calls") or ():
+            call["function"]["arguments"] = normalize_arguments(call["function"]["arguments"])
+
+
+def redact_fields(fields: dict[str, Any], redactor: Redactor) -> tuple[dict[str, Any], Counter]:
+    """Redact every string of a normalised record; returns it with per-detector counts."""
+    _arguments_json(fields["messages"])
+    s = _Scrubber(redactor)
+    for text in s.strings(fields):
+        s.table.reserve(text)
+    out = s.scrub(fields)
+    _arguments_text(out["messages"])
+    return out, s.table.counts
+
+
+def eligibility(fields: dict[str, Any], params: RedactParams) -> list[str]:
+    extra = fields["extra"]
+    reasons = []
+    if fields["review"]["status"] == "rejected":
+        reasons.append("review_rejected")
+    if extra.get("raw_input_stored") is True:
+        reasons.append("raw_input_stored")
+    status = extra.get("redaction_status")
+    if isinstance(status, str) and status in params.untrusted_statuses:
+        reasons.append(f"redaction_status_{status}")
+    if extra.get("trainable") is False:
+        reasons.append("marked_untrainable")
+    return reasons
+
+
+class Worker:
+    """Per-process state: the compiled detectors and the keyed hasher."""
+
+    def __init__(self, params: RedactParams, key: bytes):
+        self.params = params
+        self.hasher = KeyedHasher(key)
+        self.redactor = Redactor(ip_public_only=params.ip_public_only, entropy_threshold=params.entropy_threshold,
+                                 entropy_min_len=params.entropy_min_len, disabled=frozenset(params.disabled_detectors))
+
+    def __call__(self, item: tuple[str, str, int, bytes]) -> tuple[str, bytes, dict]:
+        rel, bucket, lineno, raw = item
+        try:
+            if len(raw) > self.params.max_line_bytes:
+                raise ParseError("line_too_long", f"{len(raw)} bytes > max_line_bytes {self.params.max_line_bytes}")
+            fields = normalize(parse_line(raw))
+            return "trace", *self.trace(fields, rel, bucket, lineno)
+        except ParseError as exc:
+            rej = Reject(file=rel, line=lineno, reason=exc.reason, detail=exc.detail)
+            return "reject", dumps(rej), {"reason": exc.reason}
+
+    def trace(self, fields: dict[str, Any], rel: str, bucket: str, lineno: int) -> tuple[bytes, dict]:
+        source_id = fields.pop("source_id")
+        # Id-less rows are named by where they sit; the snapshot's file names are content-derived.
+        tid = self.hasher(f"id:{source_id}" if source_id is not None else f"line:{rel}:{lineno}", "trace")
+        ineligible = eligibility(fields, self.params)
+        fields, counts = redact_fields(fields, self.redactor)
+        rec = {
+            **fields, "id": tid, "source_file": rel, "source_line": lineno, "bucket": bucket,
+            "source_run_id_hash": self.hasher(source_id, "run") if source_id is not None else None,
+            "trainable": not ineligible, "ineligible": ineligible, "redactions": dict(sorted(counts.items())),
+        }
+        return dumps({k: v for k, v in rec.items() if v is not None}), {
+            "id": tid, "file": rel, "line": lineno, "bucket": bucket, "counts": counts, "ineligible": ineligible}
+
+
+_WORKER: Worker | None = None
+
+
+def _init(params: RedactParams, key: bytes) -> None:
+    global _WORKER
+    _WORKER = Worker(params, key)
+
+
+def _work(chunk: list[tuple[str, str, int, bytes]]) -> list[tuple[str, bytes, dict]]:
+    assert _WORKER is not None
+    return [_WORKER(item) for item in chunk]
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    buf = []
+    for it in items:
+        buf.append(it)
+        if len(buf) >= size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def run(raw_root: Path, out_traces: Path, out_rejects: Path, params: RedactParams, key: bytes) -> dict[str, Any]:
+    """Stream the snapshot through the workers; returns the metrics dict."""
+    files, file_rejects = discover(raw_root)
+    stats: Counter = Counter()
+    reasons: Counter = Counter()
+    detectors: Counter = Counter()
+    ineligible: Counter = Counter()
+    by_bucket: Counter = Counter()
+    seen: dict[str, tuple[str, int]] = {}
+    traces_with_redactions = 0
+    workers = params.workers or os.cpu_count() or 1
+    items = iter_raw(files, stats)
+    with atomic_open(out_traces) as ft, atomic_open(out_rejects) as fr:
+        for rej in file_rejects:
+            fr.write(dumps(rej) + b"\n")
+            reasons[rej.reason] += 1
+        if workers > 1:
+            pool = get_context("fork").Pool(workers, initializer=_init, initargs=(params, key))
+            results = (r for batch in pool.imap(_work, _chunks(items, 256)) for r in batch)
+        else:
+            pool, worker = None, Worker(params, key)
+            results = map(worker, items)
+        try:
+            for kind, payload, info in results:
+                if kind == "reject":
+                    fr.write(payload + b"\n")
+                    reasons[info["reason"]] += 1
+                    continue
+                if info["id"] in seen:
+                    first = seen[info["id"]]
+                    rej = Reject(file=info["file"], line=info["line"], reason="duplicate_id",
+                                 detail=f"same id as {first[0]}:{first[1]}")
+                    fr.write(dumps(rej) + b"\n")
+                    reasons["duplicate_id"] += 1
+                    continue
+                seen[info["id"]] = (info["file"], info["line"])
+                ft.write(payload + b"\n")
+                stats["traces"] += 1
+                by_bucket[info["bucket"]] += 1
+                detectors.update(info["counts"])
+                traces_with_redactions += bool(info["counts"])
+                ineligible.update(info["ineligible"])
+                stats["trainable"] += not info["ineligible"]
+        finally:
+            if pool is not None:
+                pool.terminate()
+    rejected = sum(reasons.values())
+    records = stats["lines"] - stats["blank_lines"]
+    file_level = len(file_rejects)
+    if stats["traces"] + rejected - file_level != records:  # every line ends in exactly one place
+        raise RuntimeError(f"accounting broken: {records} lines != {stats['traces']} traces + {rejected - file_level} rejects")
+    return {
+        "files": stats["files"], "lines": stats["lines"], "blank_lines": stats["blank_lines"], "records": records,
+        "traces": stats["traces"], "trainable": stats["trainable"], "rejected": rejected,
+        "rejects_by_reason": dict(sorted(reasons.items())), "ineligible_by_reason": dict(sorted(ineligible.items())),
+        "redactions_by_detector": dict(sorted(detectors.items())), "redactions": sum(detectors.values()),
+        "traces_with_redactions": traces_with_redactions, "traces_by_bucket": dict(sorted(by_bucket.items())),
+        "key_fingerprint": KeyedHasher(key).fingerprint(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", required=True)
+    ap.add_argument("--raw", required=True, type=Path)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--metrics", required=True, type=Path)
+    args = ap.parse_args(argv)
+    params = load_params(args.params, "redact", RedactParams)
+    metrics = run(args.raw, args.out / "traces.jsonl", args.out / "rejects.jsonl", params, load_key())
+    write_json(args.metrics, metrics)
+    print(f"redact: {metrics['records']} records -> {metrics['traces']} traces ({metrics['trainable']} trainable), "
+          f"{metrics['rejected']} rejected, {metrics['redactions']} redactions in {metrics['traces_with_redactions']} traces")
+
+
+if __name__ == "__main__":
+    main()

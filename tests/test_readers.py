@@ -1,0 +1,89 @@
+"""Every accepted raw shape parses as it is; anything else is a ParseError with a reason."""
+import json
+
+import orjson
+import pytest
+
+from conftest import SHARED
+from stages.readers import ParseError, normalize, normalize_arguments, parse_line
+
+
+def _lines(path):
+    return [l.rstrip(b"\n") for l in open(path, "rb") if l.strip()]
+
+
+def test_agentic_stack_approved_runs_accepted_as_they_are():
+    recs = [normalize(parse_line(l)) for l in _lines(SHARED / "contracts/agentic-stack/approved-runs.redacted.jsonl")]
+    assert [r["format"] for r in recs] == ["approved_run", "approved_run"]
+    r = recs[0]
+    assert [m["role"] for m in r["messages"]] == ["system", "user", "assistant"]
+    assert r["review"]["status"] == "accepted" and r["workflow"] == "lead_intake"
+    assert r["extra"]["stable_rules"] and r["extra"]["redaction_status"] == "passed"
+
+
+def test_openclaw_val_rows_accepted():
+    recs = [normalize(parse_line(l)) for l in _lines(SHARED / "contracts/openclaw-ft/val_20.example.jsonl")]
+    assert len(recs) == 20 and all(r["format"] == "openclaw_messages" for r in recs)
+    assert all(r["messages"][-1]["role"] == "assistant" for r in recs)
+
+
+def test_sharegpt_toolcalls_public_sample():
+    recs = [normalize(parse_line(l)) for l in _lines(SHARED / "data/public/llama-factory-glaive-toolcall-100.jsonl")]
+    assert len(recs) == 100
+    calls = [m for r in recs for m in r["messages"] if m.get("tool_calls")]
+    assert calls, "function_call turns become assistant tool calls"
+    for m in calls:
+        json.loads(m["tool_calls"][0]["function"]["arguments"])  # still valid JSON
+    tools = [m for r in recs for m in r["messages"] if m["role"] == "tool"]
+    assert tools and all(m.get("tool_call_id") for m in tools)
+    assert all(r["tools"] for r in recs if any(m.get("tool_calls") for m in r["messages"]))
+
+
+@pytest.mark.parametrize("rec,fmt,roles", [
+    ({"conversation": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+     "openclaw_conversation", ["user", "assistant"]),
+    ({"user": "a", "assistant": "b", "system": "s"}, "openclaw_pair", ["system", "user", "assistant"]),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+     "openclaw_messages", ["user", "assistant"]),
+])
+def test_openclaw_shapes(rec, fmt, roles):
+    r = normalize(rec)
+    assert r["format"] == fmt and [m["role"] for m in r["messages"]] == roles
+
+
+def test_openai_tool_calls_single_and_double_encoded():
+    args = {"email": "a@b.c", "n": 1}
+    for encoded in (json.dumps(args), json.dumps(json.dumps(args)), args):
+        rec = {"tools": [{"type": "function", "function": {"name": "crm_lookup", "parameters": {}}}],
+               "messages": [{"role": "user", "content": "x"},
+                            {"role": "assistant", "content": None, "tool_calls": [
+                                {"id": "call_1", "type": "function", "function": {"name": "crm_lookup", "arguments": encoded}}]},
+                            {"role": "tool", "tool_call_id": "call_1", "content": "{}"},
+                            {"role": "assistant", "content": "done"}]}
+        r = normalize(rec)
+        assert r["format"] == "openai"
+        assert json.loads(r["messages"][1]["tool_calls"][0]["function"]["arguments"]) == args
+
+
+def test_normalize_arguments_keeps_non_json_text_as_valid_json():
+    assert json.loads(normalize_arguments("not json")) == "not json"
+
+
+@pytest.mark.parametrize("raw,reason", [
+    (b'{"messages": [', "invalid_json"),
+    (b"[1, 2]", "not_an_object"),
+    (b'"str"', "not_an_object"),
+    (b"\xff\xfe{}", "invalid_utf8"),
+    (b'{"messages": [], "x": NaN}', "invalid_json"),
+    (b'{"messages": [], "x": Infinity}', "invalid_json"),
+    (b'{"messages": "hi"}', "wrong_type"),
+    (b'{"user": 5, "assistant": "b"}', "wrong_type"),
+    (b'{"messages": [{"role": "wizard", "content": "x"}]}', "bad_role"),
+    (b'{"foo": 1}', "unknown_shape"),
+    (b'{"id": "r1", "input_redacted": "x"}', "missing_fields"),
+    (b'{"id": ["x"], "messages": []}', "wrong_type"),
+])
+def test_hostile_lines_raise_with_reason(raw, reason):
+    with pytest.raises(ParseError) as exc:
+        normalize(parse_line(raw))
+    assert exc.value.reason == reason
