@@ -182,8 +182,8 @@ class EvalResults(_Out):
 
 
 class CheckDetail(_Out):
-    value: float | int | bool | None
-    threshold: float | int | bool | None
+    value: bool | int | float | str | None
+    threshold: bool | int | float | str | None
     model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
 
     passed: bool = Field(alias="pass")

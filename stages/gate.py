@@ -1,0 +1,198 @@
+"""gate: decide whether the adapter is promoted, from eval_results.json, the dataset manifest and gate.* params only.
+
+    python -m stages.gate --params params.yaml --eval-results data/eval/eval_results.json \
+        --manifest data/build_dataset/dataset_manifest.json --out data/gate
+
+Nothing here loads a model, so `dvc exp run -S gate.min_delta_exact_match=0.3` reruns this stage alone.
+
+Every threshold is inclusive, with a 1e-9 tolerance for floating point: a value exactly at a minimum passes
+(delta >= min_delta_*, n >= min_eval_examples), and a regression exactly at the maximum passes
+(baseline - adapter <= max_workflow_regression). With require_ci_lower_bound, the delta's CI lower bound must
+clear the minimum, not only its mean.
+
+The decision carries every field of openclaw-ft's gate_decision.json. `timestamp_utc` is a deterministic run label
+derived from the dataset digest (no wall clock: the same inputs give the same bytes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from schemas.training import EvalResults, GateDecision, GateParams
+from stages.core import content_id, load_params, read_json, write_json, write_text
+
+EPS = 1e-9
+DATA_CHECKS = ("dataset_min_examples_ok", "dataset_redaction_ok")
+IMPROVEMENT_CHECKS = ("exact_delta_ok", "keyword_recall_delta_ok", "min_eval_examples_ok", "workflow_regression_ok",
+                      "inputs_consistent_ok")
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.3f}"
+
+
+def _detail(value: Any, threshold: Any, passed: bool, reason: str) -> dict:
+    return {"value": value, "threshold": threshold, "pass": bool(passed), "reason": reason}
+
+
+def _flag_check(build: dict, key: str, required: bool) -> dict:
+    value = build.get(key)
+    shown = json.dumps(value)
+    if not required:
+        return _detail(value, False, True, f"not required (manifest build.{key} is {shown})")
+    ok = value is True
+    return _detail(value, True, ok, f"manifest build.{key} is {shown}" + ("" if ok else ": must be true"))
+
+
+def _delta_check(res: EvalResults, metric: str, threshold: float, use_ci: bool) -> dict:
+    delta = res.delta.get(metric)
+    ci = res.ci.get(metric)
+    if delta is None or ci is None:
+        return _detail(None, threshold, False, f"no held-out case defines {metric}")
+    value = ci.low if use_ci else delta
+    ok = value >= threshold - EPS
+    what = "CI lower bound" if use_ci else "delta"
+    return _detail(value, threshold, ok, f"delta {_fmt(delta)} (CI {_fmt(ci.low)}..{_fmt(ci.high)}); {what} "
+                   f"{_fmt(value)} {'>=' if ok else '<'} {threshold}")
+
+
+def _regression_check(res: EvalResults, params: GateParams) -> dict:
+    worst, worst_wf, skipped = None, None, []
+    for wf, comp in sorted(res.per_workflow.items()):
+        if comp.n < params.min_workflow_examples:
+            skipped.append(wf)
+            continue
+        drop = round(comp.baseline.exact_match - comp.finetuned.exact_match, 9)
+        if worst is None or drop > worst:
+            worst, worst_wf = drop, wf
+    note = f"; not gated (< {params.min_workflow_examples} cases): {', '.join(skipped)}" if skipped else ""
+    if worst is None:
+        return _detail(None, params.max_workflow_regression, True, "no workflow has enough cases to gate" + note)
+    ok = worst <= params.max_workflow_regression + EPS
+    if worst <= 0:
+        reason = f"no workflow regressed (smallest exact-match gain {-worst:+.3f}, in {worst_wf})"
+    else:
+        reason = (f"largest exact-match drop {worst:.3f} (in {worst_wf}) {'<=' if ok else '>'} "
+                  f"{params.max_workflow_regression}")
+    return _detail(worst, params.max_workflow_regression, ok, reason + note)
+
+
+def decide(eval_results: EvalResults | dict, manifest: dict, params: GateParams, *, run_dir: str = "",
+           manifest_path: str = "", eval_path: str = "", input_digests: dict[str, str] | None = None) -> GateDecision:
+    """The gate decision; pure (the paths and digests are only recorded)."""
+    res = eval_results if isinstance(eval_results, EvalResults) else EvalResults.model_validate(eval_results)
+    build = manifest.get("build") or {}
+    digest = manifest.get("digest")
+    details = {
+        "dataset_min_examples_ok": _flag_check(build, "min_example_ok", params.require_min_example_ok),
+        "dataset_redaction_ok": _flag_check(build, "redaction_ok", params.require_redaction_ok),
+        "exact_delta_ok": _delta_check(res, "exact_match", params.min_delta_exact_match, params.require_ci_lower_bound),
+        "keyword_recall_delta_ok": _delta_check(res, "keyword_recall", params.min_delta_keyword_recall,
+                                                params.require_ci_lower_bound),
+        "min_eval_examples_ok": _detail(res.n, params.min_eval_examples, res.n >= params.min_eval_examples,
+                                        f"{res.n} held-out cases {'>=' if res.n >= params.min_eval_examples else '<'} "
+                                        f"{params.min_eval_examples}"),
+        "workflow_regression_ok": _regression_check(res, params),
+        "inputs_consistent_ok": _detail(
+            res.dataset_digest, digest, bool(digest) and res.dataset_digest == digest,
+            "the adapter was trained on this manifest's dataset" if digest and res.dataset_digest == digest else
+            f"dataset digest of the evaluated adapter ({res.dataset_digest}) != manifest digest ({digest}): rerun "
+            "train and eval"),
+    }
+    checks = {k: d["pass"] for k, d in details.items()}
+    improvement = all(checks[k] for k in IMPROVEMENT_CHECKS)
+    promote = improvement and all(checks[k] for k in DATA_CHECKS)
+    return GateDecision(
+        timestamp_utc=f"dataset-{(digest or 'unknown')[:16]}",
+        run_dir=run_dir, dataset_manifest=manifest_path, eval_result=eval_path,
+        thresholds=params.model_dump(mode="json"), checks=checks, is_real_improvement=improvement, promote=promote,
+        check_details=details, input_digests=input_digests or {}, base_model=res.base_model,
+        adapter_digest=res.adapter_digest, reasons=[f"{k}: {d['reason']}" for k, d in details.items() if not d["pass"]],
+    )
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v).lower() if v is not None else "n/a"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def report(decision: GateDecision, res: EvalResults) -> str:
+    """Markdown a reviewer can paste into a PR."""
+    conf = f"{res.params.confidence:.0%}"
+    verdict = "PROMOTE" if decision.promote else "DO NOT PROMOTE"
+    b = decision.base_model
+    lines = [
+        f"## Adapter gate: {verdict}",
+        "",
+        f"Adapter `{decision.adapter_digest}` on base `{b.name}`"
+        + (f" @ `{b.revision}`" if b.revision else "")
+        + (f" (weights `{b.weights_digest}`)" if b.weights_digest else "")
+        + f"; dataset `{res.dataset_digest}`; {res.n} held-out cases; run `{decision.timestamp_utc}`.",
+        "",
+        "| check | value | threshold | pass | reason |",
+        "|---|---|---|---|---|",
+    ]
+    for name, d in decision.check_details.items():
+        lines.append(f"| {name} | {_cell(d.value)} | {_cell(d.threshold)} | {'yes' if d.passed else '**no**'} | "
+                     f"{d.reason.replace('|', '/')} |")
+    lines += ["", f"### Overall (adapter - baseline, paired bootstrap {conf} CI)", "",
+              "| metric | n | baseline | adapter | delta | CI |", "|---|---|---|---|---|---|"]
+    for metric, n in res.counts.items():
+        ci = res.ci.get(metric)
+        lines.append(f"| {metric} | {n} | {_cell(getattr(res.baseline, metric))} | "
+                     f"{_cell(getattr(res.finetuned, metric))} | {_fmt(res.delta.get(metric))} | "
+                     + (f"{_fmt(ci.low)}..{_fmt(ci.high)}" if ci else "n/a") + " |")
+    mc = res.mcnemar_exact_match
+    lines += ["", f"Exact match, McNemar exact test: adapter-only right {mc.adapter_only}, baseline-only right "
+              f"{mc.baseline_only}, p = {mc.p_value:.3g}.", "",
+              f"### Per workflow, exact match ({conf} CI)", "",
+              "| workflow | n | baseline | adapter | delta | CI | McNemar p |", "|---|---|---|---|---|---|---|"]
+    for wf, c in sorted(res.per_workflow.items()):
+        ci = c.ci.get("exact_match")
+        lines.append(f"| {wf} | {c.n} | {_cell(c.baseline.exact_match)} | {_cell(c.finetuned.exact_match)} | "
+                     f"{_fmt(c.delta.get('exact_match'))} | " + (f"{_fmt(ci.low)}..{_fmt(ci.high)}" if ci else "n/a")
+                     + f" | {c.mcnemar_exact_match.p_value:.3g} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _rel(path: str) -> str:
+    return Path(os.path.relpath(path)).as_posix()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m stages.gate", description=__doc__.split("\n")[0])
+    ap.add_argument("--params", required=True)
+    ap.add_argument("--eval-results", required=True)
+    ap.add_argument("--manifest", required=True)
+    ap.add_argument("--out", required=True, help="folder for gate_decision.json and gate.md")
+    ap.add_argument("--fail-on-reject", action="store_true", help="exit 1 when the adapter is not promoted (for CI)")
+    a = ap.parse_args(argv)
+    params = load_params(a.params, "gate", GateParams)
+    res = EvalResults.model_validate(read_json(a.eval_results))
+    manifest = read_json(a.manifest)
+    digests = {"eval_results": content_id(Path(a.eval_results).read_bytes()),
+               "dataset_manifest": content_id(Path(a.manifest).read_bytes()),
+               "dataset": str(manifest.get("digest")), "predictions": res.predictions_digest}
+    decision = decide(res, manifest, params, run_dir=_rel(str(Path(a.out).parent)), manifest_path=_rel(a.manifest),
+                      eval_path=_rel(a.eval_results), input_digests=digests)
+    out = Path(a.out)
+    write_json(out / "gate_decision.json", decision.model_dump(mode="json", by_alias=True))
+    write_text(out / "gate.md", report(decision, res))
+    failed = [k for k, v in decision.checks.items() if not v]
+    print(f"gate: {'PROMOTE' if decision.promote else 'do not promote'} (exact-match delta "
+          f"{_fmt(res.delta.get('exact_match'))}, {len(decision.checks) - len(failed)}/{len(decision.checks)} checks "
+          f"pass{'' if not failed else '; failed: ' + ', '.join(failed)}) -> {out}/gate_decision.json")
+    if a.fail_on_reject and not decision.promote:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,591 @@
+"""train: fit a LoRA adapter on the train split with trl's SFTTrainer (QLoRA 4-bit on CUDA, fp32 LoRA on CPU).
+
+    python -m stages.train --params params.yaml --train data/build_dataset/train.jsonl \
+        --val data/build_dataset/val.jsonl --manifest data/build_dataset/dataset_manifest.json \
+        --out data/train --metrics metrics/train.json --loss-csv metrics/train_loss.csv
+
+Multi-GPU / multi-node: the same command under `accelerate launch -m stages.train ...`; only the main process
+writes outputs.
+
+Loss is on assistant tokens only. The examples are tokenized here, with the tokenizer's chat template and its
+`{% generation %}` blocks (the same `return_assistant_tokens_mask` mechanism trl's `assistant_only_loss` uses), so
+that every example can be counted: too long (length_policy), truncated, and with zero trainable tokens. The
+pre-tokenized `input_ids`/`labels` go to SFTTrainer, which trains on them as they are.
+
+Outputs (`--out`): adapter/ (weights, config, tokenizer with its chat template, README.md model card), base/ (the
+embedded base, when used, so eval scores the very same baseline) and model.json (base identity for eval and gate).
+Everything written is deterministic: no clock, host or absolute path. Timings go only to the log and, when asked,
+to `--timing` (keep that file out of DVC's outs: it changes on every run).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import yaml
+
+from schemas.training import TrainParams
+from stages.core import content_id, load_params, read_json, read_jsonl, write_json, write_text
+
+ROLES = {"system", "user", "assistant", "tool"}
+
+# SFTConfig fields driven by a named train.* param: setting them again in extra_training_args is an error.
+MANAGED_ARGS = {
+    "output_dir", "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+    "per_device_eval_batch_size", "gradient_accumulation_steps", "max_length", "warmup_steps", "lr_scheduler_type",
+    "weight_decay", "eval_strategy", "eval_steps", "save_strategy", "save_steps", "load_best_model_at_end",
+    "metric_for_best_model", "greater_is_better", "logging_strategy", "logging_steps", "seed", "data_seed",
+    "dataset_num_proc", "dataloader_num_workers", "dataloader_prefetch_factor", "dataloader_persistent_workers",
+    "dataloader_pin_memory", "packing", "gradient_checkpointing", "assistant_only_loss", "completion_only_loss",
+    "bf16", "fp16", "use_cpu", "trust_remote_code",
+}
+
+
+class TrainError(SystemExit):
+    """A problem with the inputs or params that the user must fix; the message says how."""
+
+
+def log(msg: str) -> None:
+    if _is_main():
+        print(f"[train] {msg}", file=sys.stderr, flush=True)
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# ---- inputs ------------------------------------------------------------------------------------------------------
+
+
+def load_rows(paths: Iterable[str]) -> list[dict]:
+    """Read split rows; each must be a conversation ending on an assistant turn (the reference answer)."""
+    rows: list[dict] = []
+    for path in paths:
+        for i, row in enumerate(read_jsonl(path), start=1):
+            msgs = row.get("messages")
+            where = f"{path}:{i} (id {row.get('id', '?')})"
+            if not isinstance(msgs, list) or not msgs:
+                raise TrainError(f"{where}: no messages")
+            for m in msgs:
+                if m.get("role") not in ROLES:
+                    raise TrainError(f"{where}: unsupported role {m.get('role')!r}")
+            if msgs[-1]["role"] != "assistant":
+                raise TrainError(f"{where}: the last message must be the assistant's answer")
+            rows.append({"id": str(row.get("id", f"{Path(path).name}:{i}")), "workflow": str(row.get("workflow", "")),
+                         "messages": [_clean_message(m) for m in msgs]})
+    return rows
+
+
+def _clean_message(m: dict) -> dict:
+    out = {"role": m["role"], "content": m.get("content") if isinstance(m.get("content"), str) else ""}
+    if m.get("tool_calls"):
+        out["tool_calls"] = m["tool_calls"]
+    if m.get("tool_call_id"):
+        out["tool_call_id"] = m["tool_call_id"]
+    if m.get("name"):
+        out["name"] = m["name"]
+    return out
+
+
+# ---- params checks -----------------------------------------------------------------------------------------------
+
+
+def sft_config_fields() -> set[str]:
+    from trl import SFTConfig
+
+    return {f.name for f in dataclasses.fields(SFTConfig) if f.init}
+
+
+def check_extra_training_args(extra: dict[str, Any]) -> None:
+    """Every key must be an SFTConfig/TrainingArguments field of the installed versions, and not a managed one."""
+    import transformers
+    import trl
+
+    unknown = sorted(set(extra) - sft_config_fields())
+    if unknown:
+        raise TrainError(
+            f"train.extra_training_args: unknown field(s) {', '.join(unknown)}: not accepted by trl {trl.__version__} "
+            f"SFTConfig / transformers {transformers.__version__} TrainingArguments (nothing is dropped silently)"
+        )
+    managed = sorted(set(extra) & MANAGED_ARGS)
+    if managed:
+        raise TrainError(f"train.extra_training_args: {', '.join(managed)} set by named train.* params; set those instead")
+
+
+def resolve_quantization(requested: str, embedded: bool, cuda: bool, bnb: bool) -> str:
+    """'4bit' or 'none'. A forced 4bit that cannot be honoured is an error, never a silent fallback."""
+    if requested == "4bit":
+        if embedded:
+            raise TrainError("train.quantization=4bit: the embedded base is a tiny fp32 model; use auto or none")
+        if not cuda:
+            raise TrainError("train.quantization=4bit needs a CUDA GPU (bitsandbytes NF4); none is available here")
+        if not bnb:
+            raise TrainError("train.quantization=4bit needs bitsandbytes: pip install bitsandbytes")
+        return "4bit"
+    if requested == "auto" and cuda and bnb and not embedded:
+        return "4bit"
+    return "none"
+
+
+# ---- tokenization ------------------------------------------------------------------------------------------------
+
+
+def encode_examples(tokenizer, rows: Sequence[dict], max_length: int, length_policy: str,
+                    train_on_prompt: bool) -> tuple[list[dict], dict[str, int]]:
+    """Tokenize with the chat template; labels are -100 outside the assistant's {% generation %} spans.
+
+    Returns the kept examples and counts: zero_trainable (no assistant token before any truncation: a template
+    problem), dropped_too_long, truncated, truncated_to_empty (truncation cut every assistant token: dropped).
+    """
+    stats = {"examples": len(rows), "kept": 0, "zero_trainable": 0, "dropped_too_long": 0, "truncated": 0,
+             "truncated_to_empty": 0, "tokens": 0, "trainable_tokens": 0}
+    out = []
+    for row in rows:
+        enc = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        ids = list(enc["input_ids"])
+        mask = list(enc["assistant_masks"])
+        if not any(mask):
+            stats["zero_trainable"] += 1
+        labels = list(ids) if train_on_prompt else [t if m else -100 for t, m in zip(ids, mask)]
+        if len(ids) > max_length:
+            if length_policy == "raise":
+                raise TrainError(f"example {row['id']}: {len(ids)} tokens > train.max_length={max_length} "
+                                 "(train.length_policy=raise; use drop or truncate, or raise max_length)")
+            if length_policy == "drop":
+                stats["dropped_too_long"] += 1
+                continue
+            ids, labels = ids[:max_length], labels[:max_length]
+            stats["truncated"] += 1
+            if all(t == -100 for t in labels):
+                stats["truncated_to_empty"] += 1
+                continue
+        if all(t == -100 for t in labels):
+            continue  # zero_trainable, counted above; require_trainable() decides whether that is fatal
+        out.append({"input_ids": ids, "labels": labels})
+        stats["kept"] += 1
+        stats["tokens"] += len(ids)
+        stats["trainable_tokens"] += sum(t != -100 for t in labels)
+    return out, stats
+
+
+def require_trainable(stats: dict[str, int], split: str, train_on_prompt: bool) -> None:
+    if stats["zero_trainable"] and not train_on_prompt:
+        raise TrainError(
+            f"{stats['zero_trainable']} of {stats['examples']} {split} examples have zero trainable tokens: the "
+            "loss is on assistant tokens only, and the chat template marked none. The likely cause is a chat "
+            "template without a {% generation %}...{% endgeneration %} block around the assistant turn (trl ships "
+            "patched training templates only for some model families). Add the block to the template, or set "
+            "train.train_on_prompt: true to train on the whole sequence instead."
+        )
+    if stats["kept"] == 0:
+        raise TrainError(f"no usable {split} examples left (counts: {stats}); check max_length and length_policy")
+
+
+# ---- model loading -----------------------------------------------------------------------------------------------
+
+
+def ensure_training_template(tokenizer) -> None:
+    """Give the tokenizer a chat template with {% generation %} markers where trl knows one for its family."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    if not tokenizer.chat_template:
+        raise TrainError("the base model's tokenizer has no chat template; use an instruct/chat model")
+    if has_generation_markers(tokenizer.chat_template):
+        return
+    try:
+        patched = get_training_chat_template(tokenizer)
+    except ValueError:
+        log("chat template has no {% generation %} block and trl has no training version of it")
+        return
+    if patched:
+        tokenizer.chat_template = patched
+        log("using trl's training version of the chat template (same rendering, plus {% generation %} markers)")
+
+
+def load_hub_base(params: TrainParams, quant: str, cuda: bool, bf16: bool):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    common = {"revision": params.revision, "local_files_only": not params.allow_download, "trust_remote_code": False}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(params.base_model, **common)
+        kwargs: dict[str, Any] = {**common, "use_safetensors": True,
+                                  "dtype": (torch.bfloat16 if bf16 else torch.float16) if cuda else torch.float32}
+        if quant == "4bit":
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float16,
+            )
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+        model = AutoModelForCausalLM.from_pretrained(params.base_model, **kwargs)
+    except OSError as exc:
+        hint = ("" if params.allow_download else " It is looked up locally only: put it in the Hugging Face cache "
+                "(huggingface-cli download ID) or point train.base_model at a folder, or set train.allow_download: true.")
+        raise TrainError(f"cannot load base model {params.base_model!r}: {exc}.{hint}") from exc
+    if quant == "4bit":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    ensure_training_template(tokenizer)
+    return model, tokenizer
+
+
+# ---- trainer config ----------------------------------------------------------------------------------------------
+
+
+def build_sft_kwargs(params: TrainParams, output_dir: str, cuda: bool, bf16: bool, has_val: bool) -> dict[str, Any]:
+    kw: dict[str, Any] = {
+        # ours, overridable through extra_training_args
+        "report_to": "none",
+        "save_only_model": True,
+        "save_total_limit": 2,
+        "full_determinism": not cuda,  # CPU: byte-reproducible; CUDA: seeded, not bit-exact (faster kernels)
+        "logging_first_step": True,
+        "disable_tqdm": not _is_main(),
+        # managed by named params
+        "output_dir": output_dir,
+        "learning_rate": params.learning_rate,
+        "num_train_epochs": params.num_epochs,
+        "max_steps": params.max_steps if params.max_steps > 0 else -1,
+        "per_device_train_batch_size": params.batch_size,
+        "per_device_eval_batch_size": params.batch_size,
+        "gradient_accumulation_steps": params.grad_accum,
+        "max_length": params.max_length,
+        "warmup_steps": params.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
+        "lr_scheduler_type": params.lr_scheduler,
+        "weight_decay": params.weight_decay,
+        "logging_strategy": "steps",
+        "logging_steps": params.logging_steps,
+        "eval_strategy": "steps" if has_val else "no",
+        "eval_steps": params.eval_steps,
+        "save_strategy": "no",
+        "seed": params.seed,
+        "data_seed": params.seed,
+        "dataset_num_proc": params.dataset_num_proc,
+        "dataloader_num_workers": params.dataloader_num_workers,
+        "dataloader_prefetch_factor": params.dataloader_prefetch_factor,
+        "dataloader_persistent_workers": params.dataloader_persistent_workers,
+        "dataloader_pin_memory": params.dataloader_pin_memory,
+        "packing": params.packing,
+        "gradient_checkpointing": params.gradient_checkpointing,
+        "assistant_only_loss": False,  # the labels are already masked in encode_examples()
+        "completion_only_loss": False,
+        "bf16": bool(cuda and bf16),
+        "fp16": bool(cuda and not bf16),
+        "use_cpu": not cuda,
+        "trust_remote_code": False,
+    }
+    if params.early_stopping_patience:
+        if not has_val:
+            raise TrainError("train.early_stopping_patience needs a val split")
+        if params.save_steps and params.save_steps % params.eval_steps:
+            raise TrainError("train.save_steps must be a multiple of train.eval_steps with early stopping")
+        kw.update(save_strategy="steps", save_steps=params.save_steps or params.eval_steps,
+                  load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
+    elif params.save_steps:
+        kw.update(save_strategy="steps", save_steps=params.save_steps)
+    kw.update(params.extra_training_args)
+    return kw
+
+
+# ---- outputs -----------------------------------------------------------------------------------------------------
+
+
+def loss_rows(log_history: Sequence[dict]) -> list[dict]:
+    """One row per logged step: train loss and, at eval steps, val loss (blank elsewhere)."""
+    by_step: dict[int, dict] = {}
+    for entry in log_history:
+        step = int(entry.get("step", 0))
+        if "loss" in entry:
+            by_step.setdefault(step, {})["loss"] = round(float(entry["loss"]), 6)
+        if "eval_loss" in entry:
+            by_step.setdefault(step, {})["val_loss"] = round(float(entry["eval_loss"]), 6)
+    return [{"step": s, "loss": v.get("loss", ""), "val_loss": v.get("val_loss", "")} for s, v in sorted(by_step.items())]
+
+
+def loss_csv(rows: Sequence[dict]) -> str:
+    buf = io.StringIO()
+    buf.write("step,loss,val_loss\n")
+    for r in rows:
+        buf.write(f"{r['step']},{r['loss']},{r['val_loss']}\n")
+    return buf.getvalue()
+
+
+def model_card(identity: dict, dataset_digest: str | None, params: TrainParams, metrics: dict) -> str:
+    base = identity["name"]
+    if base == "embedded":
+        base_line = ("embedded: a tiny Llama built locally from this dataset's train split (stages/basemodel.py), "
+                     "stored beside this adapter in ../base")
+    else:
+        base_line = f"{base}" + (f" @ {identity['revision']}" if identity.get("revision") else "")
+    lines = [
+        "# agent-flywheel LoRA adapter",
+        "",
+        f"- Base model: {base_line}",
+        f"- Base weights digest: {identity.get('weights_digest') or 'n/a'}",
+        f"- Dataset digest: {dataset_digest or 'n/a'}",
+        f"- Examples: {metrics['train_examples']} train, {metrics['val_examples']} val; "
+        f"{metrics['steps']} optimizer steps",
+        f"- Loss: {'whole sequence (train_on_prompt)' if params.train_on_prompt else 'assistant tokens only'}; "
+        f"final train loss {metrics['train_loss']}, val loss {metrics['val_loss']}",
+        f"- Quantization: {metrics['quantization']} ({metrics['precision']} on {metrics['device']})",
+        "",
+        "Promote it only if the gate stage says so (data/gate/gate.md).",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "model = PeftModel.from_pretrained(base_model, 'data/train/adapter')",
+        "```",
+        "",
+        "## Train params",
+        "",
+        "```yaml",
+        yaml.safe_dump(params.model_dump(mode="json"), sort_keys=True).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _replace_dir(staging: Path, out: Path) -> None:
+    old = out.with_name(f".{out.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _dir_digest(folder: Path) -> str:
+    return content_id({p.relative_to(folder).as_posix(): content_id(p.read_bytes())
+                       for p in sorted(folder.rglob("*")) if p.is_file()})
+
+
+# ---- main --------------------------------------------------------------------------------------------------------
+
+
+def run(params: TrainParams, train_paths: list[str], val_paths: list[str], manifest_path: str, out: Path,
+        metrics_path: str, loss_csv_path: str, timing_path: str | None = None) -> dict:
+    t0 = time.perf_counter()
+    check_extra_training_args(params.extra_training_args)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not params.allow_download:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import datasets
+    import torch
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    from peft import LoraConfig
+    from transformers import ProgressCallback
+    from transformers.trainer_callback import EarlyStoppingCallback, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    manifest = read_json(manifest_path)
+    dataset_digest = manifest.get("digest")
+    train_rows = load_rows(train_paths)
+    val_rows = load_rows(val_paths)
+    if not train_rows:
+        raise TrainError("the train split is empty")
+
+    cuda = torch.cuda.is_available()
+    bf16 = bool(cuda and torch.cuda.is_bf16_supported())
+    try:
+        import bitsandbytes  # noqa: F401  (lazily: CPU installs do not have it)
+
+        bnb = True
+    except Exception:
+        bnb = False
+    embedded = params.base_model == "embedded"
+    quant = resolve_quantization(params.quantization, embedded, cuda, bnb)
+    precision = "fp32" if not cuda else ("bf16" if bf16 else "fp16")
+    if not cuda:
+        torch.use_deterministic_algorithms(True)
+        # Deterministic mode also NaN-fills every torch.empty (a debugging aid): with trl's chunked LM-head buffers
+        # that alone made a CPU step ~8x slower. Results stay deterministic without it.
+        torch.utils.deterministic.fill_uninitialized_memory = False
+        log("no CUDA GPU: plain LoRA in fp32 on the CPU (no 4-bit quantization; slow for anything but small models)")
+    elif quant == "4bit":
+        log(f"CUDA: QLoRA, base in 4-bit NF4 (bitsandbytes), {precision} compute")
+    else:
+        log(f"CUDA: LoRA with {precision} mixed precision, base not quantized"
+            + ("" if bnb or embedded else " (bitsandbytes is not installed)"))
+
+    if embedded:
+        from stages.basemodel import build_embedded_base
+
+        tb = time.perf_counter()
+        model, tokenizer = build_embedded_base(train_rows, params.embedded, params.seed, params.max_length, log=log)
+        base_seconds = time.perf_counter() - tb
+    else:
+        model, tokenizer = load_hub_base(params, quant, cuda, bf16)
+        base_seconds = 0.0
+    identity: dict[str, Any] = {"name": params.base_model, "revision": params.revision
+                                or getattr(model.config, "_commit_hash", None), "weights_digest": None}
+
+    train_ds, train_stats = encode_examples(tokenizer, train_rows, params.max_length, params.length_policy,
+                                            params.train_on_prompt)
+    val_ds, val_stats = encode_examples(tokenizer, val_rows, params.max_length, params.length_policy,
+                                        params.train_on_prompt)
+    require_trainable(train_stats, "train", params.train_on_prompt)
+    if val_rows:
+        require_trainable(val_stats, "val", params.train_on_prompt)
+    log(f"encoded: train {train_stats}, val {val_stats}")
+
+    out = Path(out)
+    staging = out.with_name(f".{out.name}.staging")
+    if _is_main():
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    if embedded and _is_main():
+        # saved before LoRA wraps it: eval loads exactly this as the baseline
+        model.save_pretrained(staging / "base")
+        tokenizer.save_pretrained(staging / "base")
+    sft_kwargs = build_sft_kwargs(params, str(staging / "checkpoints"), cuda, bf16, bool(val_ds))
+    args = SFTConfig(**sft_kwargs)
+
+    peft_config = LoraConfig(
+        r=params.lora.r, lora_alpha=params.lora.alpha, lora_dropout=params.lora.dropout,
+        target_modules=params.lora.target_modules, bias="none", task_type="CAUSAL_LM",
+    )
+    total_params = sum(p.numel() for p in model.parameters())
+
+    class _EvalLine(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            last = next((e["loss"] for e in reversed(state.log_history) if "loss" in e), float("nan"))
+            log(f"step {state.global_step}/{state.max_steps}: loss {last:.4f}, val_loss {metrics['eval_loss']:.4f}")
+
+    callbacks: list = [_EvalLine()]
+    if params.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=params.early_stopping_patience))
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=datasets.Dataset.from_list(train_ds),
+        eval_dataset=datasets.Dataset.from_list(val_ds) if val_ds else None,
+        processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
+    )
+    # Keep the progress bar, drop its per-step dict dumps (the loss CSV has them).
+    trainer.remove_callback(ProgressCallback)
+    if _is_main():
+
+        class _QuietProgress(ProgressCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                return
+
+        trainer.add_callback(_QuietProgress())
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    log(f"LoRA r={params.lora.r} alpha={params.lora.alpha} on {params.lora.target_modules}: "
+        f"{trainable} trainable of {total_params} base parameters")
+
+    tt = time.perf_counter()
+    result = trainer.train()
+    train_seconds = time.perf_counter() - tt
+    val_loss = None
+    if val_ds:
+        val_loss = round(float(trainer.evaluate()["eval_loss"]), 6)
+
+    trainer.save_model(str(staging / "adapter"))  # every rank: gathers sharded weights where needed
+    history = loss_rows(trainer.state.log_history)
+    metrics = {
+        "base_model": params.base_model,
+        "device": "cuda" if cuda else "cpu",
+        "precision": precision,
+        "quantization": quant,
+        "train_examples": train_stats["kept"],
+        "val_examples": val_stats["kept"],
+        "dropped_too_long": train_stats["dropped_too_long"] + val_stats["dropped_too_long"],
+        "truncated": train_stats["truncated"] + val_stats["truncated"],
+        "truncated_to_empty": train_stats["truncated_to_empty"] + val_stats["truncated_to_empty"],
+        "zero_trainable": train_stats["zero_trainable"] + val_stats["zero_trainable"],
+        "train_tokens": train_stats["tokens"],
+        "train_trainable_tokens": train_stats["trainable_tokens"],
+        "steps": int(trainer.state.global_step),
+        "epochs": round(float(trainer.state.epoch or 0.0), 4),
+        "train_loss": round(float(result.training_loss), 6),
+        "final_step_loss": next((r["loss"] for r in reversed(history) if r["loss"] != ""), None),
+        "val_loss": val_loss,
+        "best_val_loss": min((r["val_loss"] for r in history if r["val_loss"] != ""), default=None),
+        "trainable_params": int(trainable),
+        "base_params": int(total_params),
+        "dataset_digest": dataset_digest,
+    }
+    if not _is_main():
+        return metrics
+
+    shutil.rmtree(staging / "checkpoints", ignore_errors=True)
+    (staging / "adapter" / "training_args.bin").unlink(missing_ok=True)
+    if embedded:
+        identity["weights_digest"] = content_id((staging / "base" / "model.safetensors").read_bytes())
+    _fix_adapter_config(staging / "adapter" / "adapter_config.json", params.base_model)
+    write_text(staging / "adapter" / "README.md", model_card(identity, dataset_digest, params, metrics))
+    adapter_digest = content_id(
+        {"weights": content_id((staging / "adapter" / "adapter_model.safetensors").read_bytes()),
+         "config": content_id((staging / "adapter" / "adapter_config.json").read_bytes())})
+    write_json(staging / "model.json", {
+        "base_model": identity, "base_dir": "base" if embedded else None, "adapter_dir": "adapter",
+        "adapter_digest": adapter_digest, "dataset_digest": dataset_digest, "quantization": quant,
+        "max_length": params.max_length,
+    })
+    _replace_dir(staging, out)
+    metrics["adapter_digest"] = adapter_digest
+    write_json(metrics_path, metrics)
+    write_text(loss_csv_path, loss_csv(history))
+    seconds = time.perf_counter() - t0
+    timing = {"total_seconds": round(seconds, 2), "base_build_seconds": round(base_seconds, 2),
+              "train_seconds": round(train_seconds, 2),
+              "train_tokens_per_second": round(train_stats["tokens"] * max(metrics["epochs"], 1e-9) / train_seconds, 1)}
+    log(f"timing (not in DVC metrics): {timing}")
+    if timing_path:
+        write_json(timing_path, timing)
+    return metrics
+
+
+def _fix_adapter_config(path: Path, base_model: str) -> None:
+    """Deterministic adapter config: the base named as train.base_model says (never a loader's absolute path),
+    target_modules sorted (peft writes a set, whose order changes with the process's hash seed)."""
+    cfg = read_json(path)
+    cfg["base_model_name_or_path"] = base_model
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    write_json(path, cfg)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m stages.train", description=__doc__.split("\n")[0])
+    ap.add_argument("--params", required=True)
+    ap.add_argument("--train", required=True)
+    ap.add_argument("--val", required=True)
+    ap.add_argument("--manifest", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--metrics", required=True)
+    ap.add_argument("--loss-csv", required=True)
+    ap.add_argument("--timing", help="optional JSON of wall-clock timings (not deterministic: keep out of DVC outs)")
+    a = ap.parse_args(argv)
+    params = load_params(a.params, "train", TrainParams)
+    m = run(params, [a.train, *params.train_files], [a.val, *params.val_files], a.manifest, Path(a.out),
+            a.metrics, a.loss_csv, a.timing)
+    if _is_main():
+        print(f"train: {m['base_model']} + LoRA on {m['train_examples']} examples, {m['steps']} steps "
+              f"({m['device']}, {m['precision']}, quantization {m['quantization']}): train loss {m['train_loss']}, "
+              f"val loss {m['val_loss']} -> {a.out}")
+
+
+if __name__ == "__main__":
+    main()
