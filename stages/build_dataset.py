@@ -154,7 +154,7 @@ def build(traces_path: Path, rejects_path: Path, export_dir: Path, out_dir: Path
         case = eval_by_trace.get(t["id"])
         if case is None:
             continue
-        reason = quality_reason(t["messages"], "unknown", params)  # failed outcomes may still be eval cases
+        reason = quality_reason(t["messages"], t["outcome"], params)
         if reason:
             drop(t["id"], f"eval_{reason}")
             continue

@@ -65,8 +65,11 @@ def group_key(trace: dict) -> str:
 
 
 def is_eval(trace: dict, params: ExportParams) -> bool:
+    # A failed run's answer is no reference to score against; build_dataset filters it from training.
+    if not trace["trainable"] or trace["outcome"] == "failed":
+        return False
     wf = f"{trace['domain']}/{trace['workflow']}"
-    return trace["trainable"] and unit_hash(params.seed, "eval", wf, group_key(trace)) < params.eval_share
+    return unit_hash(params.seed, "eval", wf, group_key(trace)) < params.eval_share
 
 
 def _strs(val: Any) -> list[str]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import math
 import os
 import shutil
 import sys
@@ -301,6 +300,46 @@ def build_sft_kwargs(params: TrainParams, output_dir: str, cuda: bool, bf16: boo
     return kw
 
 
+def build_trainer(params: TrainParams, model, tokenizer, train_ds: list[dict], val_ds: list[dict], output_dir: str,
+                  cuda: bool, bf16: bool):
+    """SFTTrainer over pre-tokenized examples, with a LoRA adapter on `model` (whose own weights stay frozen)."""
+    import datasets
+    from peft import LoraConfig
+    from transformers import ProgressCallback
+    from transformers.trainer_callback import EarlyStoppingCallback, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(**build_sft_kwargs(params, output_dir, cuda, bf16, bool(val_ds)))
+    peft_config = LoraConfig(
+        r=params.lora.r, lora_alpha=params.lora.alpha, lora_dropout=params.lora.dropout,
+        target_modules=params.lora.target_modules, bias="none", task_type="CAUSAL_LM",
+    )
+
+    class EvalLine(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            last = next((e["loss"] for e in reversed(state.log_history) if "loss" in e), float("nan"))
+            log(f"step {state.global_step}/{state.max_steps}: loss {last:.4f}, val_loss {metrics['eval_loss']:.4f}")
+
+    class QuietProgress(ProgressCallback):
+        """The progress bar without its per-step dict dumps (the loss CSV has them)."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            return
+
+    callbacks: list = [EvalLine()]
+    if params.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=params.early_stopping_patience))
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=datasets.Dataset.from_list(train_ds),
+        eval_dataset=datasets.Dataset.from_list(val_ds) if val_ds else None,
+        processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
+    )
+    trainer.remove_callback(ProgressCallback)
+    if _is_main():
+        trainer.add_callback(QuietProgress())
+    return trainer
+
+
 # ---- outputs -----------------------------------------------------------------------------------------------------
 
 
@@ -372,11 +411,6 @@ def _replace_dir(staging: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _dir_digest(folder: Path) -> str:
-    return content_id({p.relative_to(folder).as_posix(): content_id(p.read_bytes())
-                       for p in sorted(folder.rglob("*")) if p.is_file()})
-
-
 # ---- main --------------------------------------------------------------------------------------------------------
 
 
@@ -391,13 +425,10 @@ def run(params: TrainParams, train_paths: list[str], val_paths: list[str], manif
     import datasets
     import torch
     import transformers
+    from accelerate import PartialState
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
-    from peft import LoraConfig
-    from transformers import ProgressCallback
-    from transformers.trainer_callback import EarlyStoppingCallback, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
 
     manifest = read_json(manifest_path)
     dataset_digest = manifest.get("digest")
@@ -455,41 +486,13 @@ def run(params: TrainParams, train_paths: list[str], val_paths: list[str], manif
     if _is_main():
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
+    PartialState().wait_for_everyone()
     if embedded and _is_main():
         # saved before LoRA wraps it: eval loads exactly this as the baseline
         model.save_pretrained(staging / "base")
         tokenizer.save_pretrained(staging / "base")
-    sft_kwargs = build_sft_kwargs(params, str(staging / "checkpoints"), cuda, bf16, bool(val_ds))
-    args = SFTConfig(**sft_kwargs)
-
-    peft_config = LoraConfig(
-        r=params.lora.r, lora_alpha=params.lora.alpha, lora_dropout=params.lora.dropout,
-        target_modules=params.lora.target_modules, bias="none", task_type="CAUSAL_LM",
-    )
     total_params = sum(p.numel() for p in model.parameters())
-
-    class _EvalLine(TrainerCallback):
-        def on_evaluate(self, args, state, control, metrics=None, **kw):
-            last = next((e["loss"] for e in reversed(state.log_history) if "loss" in e), float("nan"))
-            log(f"step {state.global_step}/{state.max_steps}: loss {last:.4f}, val_loss {metrics['eval_loss']:.4f}")
-
-    callbacks: list = [_EvalLine()]
-    if params.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=params.early_stopping_patience))
-    trainer = SFTTrainer(
-        model=model, args=args, train_dataset=datasets.Dataset.from_list(train_ds),
-        eval_dataset=datasets.Dataset.from_list(val_ds) if val_ds else None,
-        processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
-    )
-    # Keep the progress bar, drop its per-step dict dumps (the loss CSV has them).
-    trainer.remove_callback(ProgressCallback)
-    if _is_main():
-
-        class _QuietProgress(ProgressCallback):
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                return
-
-        trainer.add_callback(_QuietProgress())
+    trainer = build_trainer(params, model, tokenizer, train_ds, val_ds, str(staging / "checkpoints"), cuda, bf16)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     log(f"LoRA r={params.lora.r} alpha={params.lora.alpha} on {params.lora.target_modules}: "
         f"{trainable} trainable of {total_params} base parameters")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Sequence
 
 import orjson
 
@@ -77,8 +78,12 @@ def _row(rid: str, domain: str, workflow: str, system: str, user: str, answer: s
                          {"role": "assistant", "content": answer}]}
 
 
-def make_row(i: int, rng: random.Random) -> dict:
-    kind = rng.choices(["triage", "intent", "extract", "crm", "adv"], weights=[30, 20, 20, 20, 10])[0]
+KINDS = {"triage": 30, "intent": 20, "extract": 20, "crm": 20, "adv": 10}
+
+
+def make_row(i: int, rng: random.Random, kinds: Sequence[str] | None = None) -> dict:
+    names = list(kinds or KINDS)
+    kind = rng.choices(names, weights=[KINDS[k] for k in names])[0]
     hi, bye = _noise(rng)
     name = rng.choice(NAMES)
     rid = f"r{i:05d}"
@@ -110,9 +115,10 @@ def make_row(i: int, rng: random.Random) -> dict:
     return row
 
 
-def make_splits(n_train: int, n_val: int, n_eval: int, seed: int = 0) -> dict[str, list[dict]]:
+def make_splits(n_train: int, n_val: int, n_eval: int, seed: int = 0,
+                kinds: Sequence[str] | None = None) -> dict[str, list[dict]]:
     rng = random.Random(seed)
-    rows = [make_row(i, rng) for i in range(n_train + n_val + n_eval)]
+    rows = [make_row(i, rng, kinds) for i in range(n_train + n_val + n_eval)]
     train, val, ev = rows[:n_train], rows[n_train:n_train + n_val], rows[n_train + n_val:]
     for r in ev:
         r["eval_case_id"] = "case-" + r["id"]
@@ -125,9 +131,10 @@ def make_splits(n_train: int, n_val: int, n_eval: int, seed: int = 0) -> dict[st
     return {"train": train, "val": val, "eval": ev}
 
 
-def write_splits(folder: Path, n_train: int, n_val: int, n_eval: int, seed: int = 0) -> dict[str, Path]:
+def write_splits(folder: Path, n_train: int, n_val: int, n_eval: int, seed: int = 0,
+                 kinds: Sequence[str] | None = None) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
-    splits = make_splits(n_train, n_val, n_eval, seed)
+    splits = make_splits(n_train, n_val, n_eval, seed, kinds)
     paths = {}
     for name, rows in splits.items():
         p = folder / f"{name}.jsonl"

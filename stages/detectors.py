@@ -1,0 +1,790 @@
+"""Text-level PII and secret detectors, and the per-trace placeholder table, for the `redact` stage.
+
+How it stays fast: CPython's `re` is quick (~1 GB/s) only when a pattern starts with a literal; a
+pattern that starts with a character class or a lookbehind costs ~10 ns per character because it is
+tried at every position. So no text is ever scanned with such a pattern. Per text we run one
+`bytes.translate` into a "shape" string (digits -> '0', letters -> 'A'/'a') and one into a "run"
+string (token characters -> 'w', everything else -> ' '). Literal searches on those find the few
+candidates: runs of >= 20 token characters (every vendor token is one), digit spans, IBAN heads.
+Keyword-led detectors start from `bytes.find` hits of a handful of roots (pass, token, key, ...),
+emails from '@', URL credentials from '://'. Exact patterns and the validators (Luhn, mod-97,
+`ipaddress`, entropy) run only at those candidates. Every pattern is bounded or possessive, so
+pathological input stays linear.
+
+Overlapping findings are merged into one span that takes the kind of the highest-priority detector
+(DETECTORS order), so a secret flagged by two detectors is never half-replaced.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import ipaddress
+import math
+import re
+from dataclasses import dataclass
+
+__all__ = ["DETECTORS", "PLACEHOLDER_RE", "Finding", "Placeholders", "Redactor"]
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    detector: str  # e.g. "email", "aws_access_key"
+    kind: str  # placeholder type, e.g. "EMAIL", "AWS_KEY"
+    start: int  # span of the VALUE to replace (for key=value only the value)
+    end: int
+
+
+# detector -> placeholder kind. The order is also the priority when findings overlap: specific
+# formats first, then context-based, then generic shapes.
+_KINDS = {
+    "private_key": "PRIVATE_KEY",
+    "jwt": "JWT",
+    "url_password": "PASSWORD",
+    "email": "EMAIL",
+    "aws_access_key": "AWS_KEY",
+    "github_token": "GITHUB_TOKEN",
+    "gitlab_token": "GITLAB_TOKEN",
+    "slack_token": "SLACK_TOKEN",
+    "slack_webhook": "SLACK_WEBHOOK",
+    "stripe_key": "STRIPE_KEY",
+    "anthropic_key": "ANTHROPIC_KEY",
+    "openai_key": "OPENAI_KEY",
+    "huggingface_token": "HF_TOKEN",
+    "google_api_key": "GOOGLE_API_KEY",
+    "ds_artifactory": "ARTIFACTORY_KEY",
+    "ds_azure_storage_key": "AZURE_KEY",
+    "ds_discord": "DISCORD_TOKEN",
+    "ds_mailchimp": "MAILCHIMP_KEY",
+    "ds_npm": "NPM_TOKEN",
+    "ds_pypi": "PYPI_TOKEN",
+    "ds_sendgrid": "SENDGRID_KEY",
+    "ds_square_oauth": "SQUARE_SECRET",
+    "ds_telegram": "TELEGRAM_TOKEN",
+    "ds_twilio": "TWILIO_KEY",
+    "aws_secret_key": "AWS_SECRET",
+    "secret_assignment": "SECRET",  # refined by the key name: PASSWORD, API_KEY, TOKEN, SECRET
+    "bearer_token": "TOKEN",
+    "credit_card": "CREDIT_CARD",
+    "iban": "IBAN",
+    "ssn": "SSN",
+    "phone": "PHONE",
+    "ipv6": "IP",
+    "ipv4": "IP",
+    "home_path": "HOME",
+    "entropy": "SECRET",
+}
+DETECTORS: tuple[str, ...] = tuple(_KINDS)
+_PRIO = {name: i for i, name in enumerate(DETECTORS)}
+
+# Kinds are upper-case and the number follows '_', so a placeholder is never a token-run, an
+# entropy candidate (no lower case) or an email local part on its own.
+PLACEHOLDER_RE = re.compile(r"<([A-Z][A-Z0-9_]*)_(\d+)>")
+
+
+class Placeholders:
+    """Per-trace placeholder table: the same (kind, value) always gets the same `<KIND_n>` within a trace."""
+
+    __slots__ = ("counts", "_ids", "_next", "_taken")
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[str] = collections.Counter()  # detector -> replacements
+        self._ids: dict[tuple[str, str], str] = {}
+        self._next: dict[str, int] = {}
+        self._taken: set[str] = set()
+
+    def reserve(self, text: str) -> None:
+        """Note placeholder-looking tokens already in the text so new ones never collide."""
+        if "<" in text:
+            self._taken.update(m.group() for m in PLACEHOLDER_RE.finditer(text))
+
+    def get(self, kind: str, value: str) -> str:
+        key = (kind, value)
+        ph = self._ids.get(key)
+        if ph is None:
+            n = self._next.get(kind, 0)
+            while True:  # skip numbers the input already uses: they would merge two values
+                n += 1
+                ph = f"<{kind}_{n}>"
+                if ph not in self._taken:
+                    break
+            self._next[kind] = n
+            self._ids[key] = ph
+        return ph
+
+
+# --------------------------------------------------------------------------- shape strings
+
+_TOKEN_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+_RUN_T = bytes(0x77 if i in _TOKEN_BYTES else 0x20 for i in range(256))
+_SHAPE_T = bytes(
+    0x30 if 0x30 <= i <= 0x39 else 0x41 if 0x41 <= i <= 0x5A else 0x61 if 0x61 <= i <= 0x7A else i
+    for i in range(256)
+)
+_LONG_RUN = b"w" * 20  # every vendor token is a run of >= 20 token chars
+_DIGIT_SPAN = re.compile(rb"0[0 .()\-]{5,}0")  # >= 7 chars of digits and phone/card/IP separators
+_IBAN_HEAD = re.compile(rb"AA00")
+
+# --------------------------------------------------------------------------- token runs
+
+# Every alternative is matched at the start of a run of >= 20 token chars ([A-Za-z0-9_-]).
+_MY_TOKENS = {
+    "aws_access_key": r"(?:A3T[A-Z0-9]|AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AROA|AIPA|ANPA|ANVA|APKA)[A-Z0-9]{16}(?![A-Za-z0-9])",
+    "github_token": r"gh[pousr]_[A-Za-z0-9]{36,251}(?![A-Za-z0-9])|github_pat_[A-Za-z0-9_]{22,255}(?![A-Za-z0-9_])",
+    "gitlab_token": r"(?:glpat|gldt|glft|glsoat|glrtr?|glcbt|glimt|glptt|glagent|gloas|glffct)-[A-Za-z0-9_\-]{20,}|GR1348941[A-Za-z0-9_\-]{20,50}(?![A-Za-z0-9_\-])",
+    "slack_token": r"xox[abposre]-[A-Za-z0-9\-]{10,}|xapp-\d-[A-Za-z0-9\-]{10,}",
+    "stripe_key": r"[sr]k_(?:live|test)_[A-Za-z0-9]{16,247}(?![A-Za-z0-9])|whsec_[A-Za-z0-9]{24,}",
+    "anthropic_key": r"sk-ant-[A-Za-z0-9_\-]{20,}",
+    "openai_key": r"sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{20,}",
+    "huggingface_token": r"hf_[A-Za-z0-9]{30,}(?![A-Za-z0-9_\-])",
+    "google_api_key": r"AIza[0-9A-Za-z_\-]{35}(?![0-9A-Za-z_\-])",
+}
+
+# detect-secrets plugins whose denylist regexes we reuse: class name -> (detector, how it is found).
+# "run": matched at the start of a long token run; "line": a keyword-gated search in the line.
+# Skipped plugins duplicate a detector above (AWS, GitHub, GitLab, Slack, Stripe, OpenAI, JWT,
+# private key, basic auth, public IP) or are keyword-context rules that `secret_assignment` covers
+# (Cloudant, IBM, SoftLayer, keyword, entropy). Artifactory's `AP[\dA-F]...` password pattern is
+# dropped because it fires on ordinary CamelCase identifiers (see the tests).
+_DS_PLUGINS = {
+    "ArtifactoryDetector": ("ds_artifactory", "run"),
+    "AzureStorageKeyDetector": ("ds_azure_storage_key", "line"),
+    "DiscordBotTokenDetector": ("ds_discord", "run"),
+    "MailchimpDetector": ("ds_mailchimp", "run"),
+    "NpmDetector": ("ds_npm", "line"),
+    "PypiTokenDetector": ("ds_pypi", "run"),
+    "SendGridDetector": ("ds_sendgrid", "run"),
+    "SquareOAuthDetector": ("ds_square_oauth", "run"),
+    "TelegramBotTokenDetector": ("ds_telegram", "run"),
+    "TwilioKeyDetector": ("ds_twilio", "run"),
+}
+_DS_DROP = (re.compile(r"AP\[\\dABCDEF\]"),)
+_DS_EDGES = (r'(?:\s|=|:|"|^)', r'(?:\s|"|$)')  # delimiters we replace with our own run boundary
+_DS_LINE_GATES = {"ds_azure_storage_key": b"accountkey=", "ds_npm": b"_authtoken="}
+
+
+def _ds_patterns() -> dict[str, list[re.Pattern]]:
+    from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
+
+    by_name = {cls.__name__: cls for cls in get_mapping_from_secret_type_to_class().values()}
+    out: dict[str, list[re.Pattern]] = {}
+    for cls_name, (det, _) in _DS_PLUGINS.items():
+        pats = [p for p in getattr(by_name.get(cls_name), "denylist", ()) if not any(d.search(p.pattern) for d in _DS_DROP)]
+        out[det] = pats
+    return out
+
+
+def _build_token_re(ds: dict[str, list[re.Pattern]]) -> re.Pattern:
+    alts = [f"(?P<{name}>{pat})" for name, pat in _MY_TOKENS.items()]
+    for det, mode in _DS_PLUGINS.values():
+        if mode != "run" or not ds[det]:
+            continue
+        parts = []
+        for p in ds[det]:
+            src = p.pattern
+            for edge in _DS_EDGES:
+                src = src.replace(edge, "")
+            if re.compile(src).groups:
+                raise ValueError(f"{det}: capturing groups in a run pattern are not supported")
+            flags = "i" if p.flags & re.IGNORECASE else ""
+            parts.append(f"(?{flags}:{src})" if flags else f"(?:{src})")
+        alts.append(f"(?P<{det}>(?:{'|'.join(parts)})(?![A-Za-z0-9]))")
+    return re.compile("|".join(alts), re.ASCII)
+
+
+_DS = _ds_patterns()
+_TOKEN_AT = _build_token_re(_DS)
+_DS_LINE = {det: [re.compile(p.pattern, (p.flags & ~re.U) | re.A) for p in _DS[det]] for det, mode in _DS_PLUGINS.values() if mode == "line"}
+
+_JWT = re.compile(r"eyJ(?<![A-Za-z0-9_\-]eyJ)[A-Za-z0-9_\-]{8,}+\.eyJ[A-Za-z0-9_\-]{8,}+\.[A-Za-z0-9_\-]*+", re.A)
+_SLACK_HOOK = re.compile(r"hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9_/+\-]{8,}+", re.A)
+_PEM_BEGIN = re.compile(r"-----BEGIN[ A-Z0-9]{0,40}PRIVATE KEY(?: BLOCK)?-----")
+_PEM_END = re.compile(r"-----END[ A-Z0-9]{0,40}PRIVATE KEY(?: BLOCK)?-----")
+# A block cut off before END: take the base64 and header lines that follow (newlines may be escaped).
+_PEM_BODY = re.compile(r"(?:(?:\r?\n|\\r\\n|\\n)[ \t]*(?:[A-Za-z0-9+/=]{4,}+|[A-Za-z][A-Za-z\-]*: [^\r\n\\]*+))*+")
+_PEM_MAX = 65536
+
+# --------------------------------------------------------------------------- numbers
+
+_SSN = re.compile(r"(?<![\w.\-])(?!000|666|9)\d{3}-(?!00)\d\d-(?!0000)\d{4}(?![\w\-]|\.\d)", re.A)
+_PHONE_US = re.compile(
+    r"(?<![\w+.\-])(?:\+?1[ .\-]?)?(?:\([2-9]\d\d\) ?|[2-9]\d\d[ .\-])[2-9]\d\d[ .\-]\d{4}(?![\w\-]|\.\d)", re.A
+)
+_PHONE_INTL = re.compile(r"(?<![\w+])\+[2-9]\d{0,2}(?:[ .\-]?\(?\d{1,4}+\)?){2,6}+(?!\w|\.\d)", re.A)
+_CARD = re.compile(r"(?<![\w.+\-])\d(?:[ \-]?\d){12,18}+(?![\w\-]|\.\d)", re.A)
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\d)", re.A)
+_V6_HINT = re.compile(r"::|:[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:")
+_V6_CHARS = re.compile(r"[0-9A-Fa-f:]*")
+_IPV6 = re.compile(r"(?<![\w:.])[0-9A-Fa-f:]{2,39}(?:(?<=:)\d{1,3}(?:\.\d{1,3}){3})?(?![\w:.])", re.A)
+_IBAN = re.compile(r"[A-Z]{2}\d\d(?: ?[A-Z0-9]){11,32}+", re.A)
+_IBAN_LEN = dict(
+    (e[:2], int(e[2:]))
+    for e in (
+        "AD24 AE23 AL28 AT20 AZ28 BA20 BE16 BG22 BH22 BI27 BR29 BY28 CH21 CR22 CY28 CZ24 DE22 DJ27 DK18"
+        " DO28 EE20 EG29 ES24 FI18 FK18 FO18 FR27 GB22 GE22 GI23 GL18 GR27 GT28 HR21 HU28 IE22 IL23 IQ23"
+        " IS26 IT27 JO30 KW30 KZ20 LB28 LC32 LI21 LT20 LU20 LV21 LY25 MC27 MD24 ME22 MK19 MN20 MR27 MT31"
+        " MU30 NI28 NL18 NO15 OM23 PK24 PL28 PS29 PT25 QA29 RO24 RS22 RU33 SA24 SC31 SD18 SE24 SI19 SK24"
+        " SM27 SO23 ST25 SV28 TL23 TN24 TR26 UA29 VA22 VG24 XK20 YE30"
+    ).split()
+)
+
+# --------------------------------------------------------------------------- emails, URLs, homes
+
+# The local part is read backwards from '@'. A placeholder may be part of it, so that
+# `<EMAIL_1>@evil.com` is still an address rather than a way to smuggle one past the redactor.
+_LOCAL_REV = re.compile(r"(?:[A-Za-z0-9._%+\-]|>\d+_[A-Z0-9_]*[A-Z]<)+", re.A)
+_LOCAL_MAX = 128
+_DOMAIN = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}(?![A-Za-z0-9\-])", re.A)
+_URL_CRED = re.compile(r"[^\s:/?#\[\]@\"'<>]{0,128}:([^\s/?#\[\]@\"'<>]{1,256})@")
+_HOME_NIX = re.compile(r"/(?:home|Users)/[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}(?![A-Za-z0-9_.\-])", re.A)
+_HOME_WIN = re.compile(
+    r":(?:\\\\|\\|/)[Uu][Ss][Ee][Rr][Ss](?:\\\\|\\|/)"
+    r"(?:[A-Za-z0-9_.\-]{1,64}(?: [A-Za-z0-9_.\-]{1,64}){0,3}(?=[\\/])|[A-Za-z0-9_.\-]{1,64}(?![A-Za-z0-9_.\-]))",
+    re.A,
+)
+# `~name` alone is also Python's bitwise not (`x & ~mask`), so it counts only before '/', a line end or a quote.
+_TILDE = re.compile(r"~[a-z_][a-z0-9_\-]{0,31}(?=/|$|[\r\n\"'`:])", re.A | re.M)
+_HOME_USER = re.compile(r"[^/\\~]+$")
+_NOT_A_USER = frozenset({"shared", "public", "default", "default user", "all users", "guest"})
+
+# --------------------------------------------------------------------------- keyword contexts
+
+_ROOTS = (b"pass", b"pwd", b"secret", b"token", b"key", b"auth", b"cred")
+_ROOT_STRS = tuple(r.decode() for r in _ROOTS)
+# The last word of a key (root + what may follow it) -> assignment kind; None marks a word that is
+# only context for the entropy detector (`key`, `tokens`), since `key: value` is not a secret by itself.
+_KEY_WORDS: dict[str, str | None] = {
+    **dict.fromkeys(("password", "passwd", "passphrase", "passcode", "pass", "pwd"), "PASSWORD"),
+    **dict.fromkeys(("token", "auth"), "TOKEN"),
+    **dict.fromkeys(("secret", "secretkey", "secret_key", "secret-key", "credential", "credentials", "creds"), "SECRET"),
+    **dict.fromkeys(("key", "keys", "tokens", "secrets", "passwords"), None),
+}
+_KEY_WORDS_B = frozenset(w.encode() for w in _KEY_WORDS)
+_KEY_PREFIXES = {"api": "API_KEY", "access": "SECRET", "private": "SECRET", "signing": "SECRET",
+                 "encryption": "SECRET", "master": "SECRET", "client": "CLIENT"}  # client: only client_secret
+_KEY_PREFIX_SIZES = sorted({len(p) for p in _KEY_PREFIXES}, reverse=True)
+
+_ASSIGN = re.compile(
+    r"""(?:\\?["'])?\]?[ \t]*(?:=>|:=|[:=])[ \t]*(?:
+        "(?P<dq>[^"\r\n]{1,512})"
+      | '(?P<sq>[^'\r\n]{1,512})'
+      | \\"(?P<eq>[^"\\\r\n]{1,512})\\"
+      | (?P<bare>(?!=)[^\s"'`,;<>(){}\[\]\\|]{1,512}))""",
+    re.X,
+)
+_FLAG = re.compile(r"""[ \t]+(?P<bare>[^\s"'`<>\-$][^\s"'`<>]{0,511})""")
+_BEARER = re.compile(r"[ \t]+([A-Za-z0-9\-._~+/]{8,}+=*)", re.A)
+_AUTH_HEADER = re.compile(
+    r"""["']?[ \t]*[:=][ \t]*["']?(?:(?:[Bb]asic|[Tt]oken|[Dd]igest)[ \t]+)?([A-Za-z0-9\-._~+/]{8,}+=*)""", re.A
+)
+_NULLISH = frozenset(
+    "none null nil true false undefined yes no on off empty required optional str string bytes int bool"
+    " any object secretstr redacted masked hidden".split()
+)
+_MASK = frozenset("*•xX#.-_ ")
+_DOTTED = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+", re.A)
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*", re.A)
+_HEXISH = re.compile(r"[0-9a-fA-F\-]+")
+_B64 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
+
+
+def _key_kind(key: str, r: int) -> tuple[str | None, bool]:
+    """(assignment kind or None, is-context) for `key`, whose root word starts at `r`."""
+    k = key.lower()
+    word = k[r:].rstrip("0123456789_-")
+    if word not in _KEY_WORDS:
+        return None, False  # `token_count`, `passed`, `keyboard`
+    kind, j = _KEY_WORDS[word], r
+    if word in ("key", "keys", "secret"):  # api_key, apiKey, client_secret, privateKey
+        p_end = r - 1 if r and k[r - 1] in "_-" else r
+        for size in _KEY_PREFIX_SIZES:
+            pkind = _KEY_PREFIXES.get(k[p_end - size : p_end]) if size <= p_end else None
+            if pkind and (word != "secret" or pkind == "CLIENT"):
+                kind, j = ("SECRET" if word == "secret" else pkind if word == "key" else None), p_end - size
+                break
+    # The word must start a component: `db_password`, `dbPassword`, `--password`; not `bypass`.
+    if j == 0 or k[j - 1] in "_-" or (key[j].isupper() and not key[j - 1].isupper()):
+        return kind, True
+    return None, False
+
+
+def _plausible_value(v: str, kind: str, bare: bool, nxt: str) -> bool:
+    """False for values that are clearly not a literal secret: refs, masks, code, plain words."""
+    if not v or v[0] in "$%{<#@" or PLACEHOLDER_RE.fullmatch(v) or set(v) <= _MASK:
+        return False
+    lv = v.lower()
+    if lv in _NULLISH or "environ" in lv or "getenv" in lv or "process.env" in lv:
+        return False
+    if bare:
+        if (nxt and nxt in "([") or _DOTTED.fullmatch(v):
+            return False  # a call, subscript or attribute: code, not a literal
+        if _IDENT.fullmatch(v) and any(r in lv for r in _ROOT_STRS):
+            return False  # `password=password`, `token=auth_token`: a variable passed along
+        if kind != "PASSWORD" and v.isdigit():
+            return False  # `max_token: 4096`
+    if kind != "PASSWORD" and v.isalpha() and v.islower():
+        return False  # `auth: basic`, `token: required`
+    return True
+
+
+def _looks_random(v: str) -> bool:
+    classes = (
+        any(c.isupper() for c in v) + any(c.islower() for c in v) + any(c.isdigit() for c in v)
+        + any(not c.isalnum() for c in v)
+    )
+    return classes >= 2 and not (v.isalpha() and v.islower())
+
+
+def _entropy(s: str) -> float:
+    n = len(s)
+    return -sum(c / n * math.log2(c / n) for c in collections.Counter(s).values())
+
+
+# --------------------------------------------------------------------------- validators
+
+
+def _luhn(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i & 1:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _card_brand_ok(d: str) -> bool:
+    """Known issuer prefix and length: cuts Luhn's 1-in-10 hit rate on ids and timestamps."""
+    n, p2, p3, p4 = len(d), int(d[:2]), int(d[:3]), int(d[:4])
+    if d[0] == "4":
+        return n in (13, 16, 19)
+    if 51 <= p2 <= 55 or 2221 <= p4 <= 2720:
+        return n == 16
+    if p2 in (34, 37):
+        return n == 15
+    if p2 in (36, 38, 39) or 300 <= p3 <= 305:
+        return 14 <= n <= 19
+    if p2 in (35, 62, 65) or p4 == 6011 or 644 <= p3 <= 649:
+        return 16 <= n <= 19
+    return False
+
+
+def _card_ok(s: str) -> bool:
+    seps = set(s) & {" ", "-"}
+    if len(seps) > 1:
+        return False
+    if seps:
+        groups = [len(g) for g in s.split(seps.pop())]
+        if groups not in ([4, 6, 5], [4, 6, 4]) and not (
+            len(groups) >= 4 and all(g == 4 for g in groups[:-1]) and 1 <= groups[-1] <= 4
+        ):
+            return False
+    d = s.replace(" ", "").replace("-", "")
+    return _card_brand_ok(d) and _luhn(d)
+
+
+def _iban_end(text: str, start: int, cand: str) -> int:
+    """End of a valid IBAN starting at `start` (trimmed to its country's length), or -1."""
+    want = _IBAN_LEN.get(cand[:2])
+    compact = cand.replace(" ", "")
+    if want is None or len(compact) < want:
+        return -1
+    code = compact[4:want] + compact[:4]
+    if int("".join(str(int(c, 36)) for c in code)) % 97 != 1:
+        return -1
+    seen, i = 0, start
+    while seen < want:
+        if text[i] != " ":
+            seen += 1
+        i += 1
+    return -1 if i < len(text) and text[i].isalnum() else i
+
+
+@functools.lru_cache(maxsize=4096)
+def _public_ip(addr: str) -> bool:
+    """Globally routable unicast; private, loopback, link-local, reserved and documentation ranges are not.
+
+    Cached: the same few addresses (127.0.0.1, 0.0.0.0, a server's) recur across traces.
+    """
+    ip = ipaddress.ip_address(addr)
+    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_loopback or ip.is_link_local)
+
+
+def _in_url_userinfo(text: str, ls: int) -> bool:
+    """True when `text[ls:]` starts the password of `scheme://user:PASSWORD@host`."""
+    if ls == 0 or text[ls - 1] != ":":
+        return False
+    i = text.rfind("://", max(0, ls - 260), ls)
+    return i >= 0 and not any(c in text[i + 3 : ls - 1] for c in " \t\r\n/@")
+
+
+# --------------------------------------------------------------------------- the redactor
+
+_Cand = tuple  # (start, end, detector, kind)
+
+
+class Redactor:
+    def __init__(
+        self,
+        *,
+        ip_public_only: bool = True,
+        entropy_threshold: float = 3.5,
+        entropy_min_len: int = 20,
+        disabled: frozenset[str] = frozenset(),
+    ) -> None:
+        unknown = sorted(set(disabled) - set(DETECTORS))
+        if unknown:
+            raise ValueError(f"unknown detector(s) in disabled: {', '.join(unknown)} (known: {', '.join(DETECTORS)})")
+        self.ip_public_only = ip_public_only
+        self.entropy_threshold = entropy_threshold
+        self.entropy_min_len = entropy_min_len
+        self._on = frozenset(DETECTORS) - frozenset(disabled)
+        # One anchored match walks the window inside sre, skipping short tokens, and stops at the
+        # first long one; a search would restart at every position of every short word.
+        t, short, long_ = r"A-Za-z0-9+/_~\-", max(0, entropy_min_len - 1), max(1, entropy_min_len)
+        self._win_token = re.compile(
+            rf"(?:[^{t}]++|[{t}]{{1,{short}}}+(?![{t}]))*+([{t}]{{{long_},}}+={{0,2}})" if short else rf"[^{t}]*+([{t}]+={{0,2}})",
+            re.A,
+        )
+
+    # ---------------------------------------------------------------- public API
+
+    def scan(self, text: str) -> list[Finding]:
+        """Non-overlapping findings, sorted by start."""
+        n = len(text)
+        if n < 4 or (n < 20 and text.isalpha()):
+            return []
+        raw = text.encode("latin-1", "replace")  # one byte per char: offsets match the str
+        out: list[_Cand] = []
+        self._blocks(text, out)
+        run = raw.translate(_RUN_T)
+        self._runs(text, run, out)
+        self._numbers(text, raw.translate(_SHAPE_T), out)
+        if "@" in text:
+            if "url_password" in self._on and "://" in text:
+                self._url_passwords(text, out)
+            if "email" in self._on:
+                self._emails(text, out)
+        low = raw.lower()
+        self._keywords(text, low, run, out)
+        if "home_path" in self._on:
+            self._homes(text, low, out)
+        return self._resolve(out)
+
+    def redact(self, text: str, table: Placeholders) -> str:
+        """Replace every finding with the table's placeholder for its (kind, value)."""
+        table.reserve(text)  # a safety net; the stage reserves every string of the trace first
+        found = self.scan(text)
+        if not found:
+            return text
+        parts, pos = [], 0
+        for f in found:
+            value = text[f.start : f.end]
+            if f.kind == "HOME":  # /home/alice, /Users/alice and ~alice are the same person
+                value = _HOME_USER.search(value).group()
+            elif f.kind == "EMAIL":
+                value = value.lower()
+            parts.append(text[pos : f.start])
+            parts.append(table.get(f.kind, value))
+            table.counts[f.detector] += 1
+            pos = f.end
+        parts.append(text[pos:])
+        return "".join(parts)
+
+    # ---------------------------------------------------------------- families
+
+    def _add(self, out: list[_Cand], start: int, end: int, det: str, kind: str | None = None) -> None:
+        if det in self._on and end > start:
+            out.append((start, end, det, kind or _KINDS[det]))
+
+    def _blocks(self, text: str, out: list[_Cand]) -> None:
+        """Multi-part secrets that a single token run cannot hold: PEM blocks, JWTs, Slack webhooks."""
+        if "-----BEGIN" in text:
+            pos, end_at = 0, -2
+            while (m := _PEM_BEGIN.search(text, pos)) is not None:
+                if end_at != -1 and end_at < m.end():  # one forward search for END, shared by all BEGINs
+                    end_at = text.find("-----END", m.end())
+                fm = _PEM_END.match(text, end_at) if 0 <= end_at - m.end() <= _PEM_MAX else None
+                stop = fm.end() if fm else _PEM_BODY.match(text, m.end()).end()
+                self._add(out, m.start(), stop, "private_key")
+                pos = stop
+        if "eyJ" in text:
+            for m in _JWT.finditer(text):
+                self._add(out, m.start(), m.end(), "jwt")
+        if "hooks.slack.com/" in text:
+            for m in _SLACK_HOOK.finditer(text):
+                s = m.start()
+                for scheme in ("https://", "http://"):
+                    if text.startswith(scheme, s - len(scheme)):
+                        s -= len(scheme)
+                        break
+                self._add(out, s, m.end(), "slack_webhook")
+
+    def _runs(self, text: str, run: bytes, out: list[_Cand]) -> None:
+        """Vendor tokens: each is a run of >= 20 token chars that starts with a known prefix."""
+        s = run.find(_LONG_RUN)
+        while s >= 0:
+            self._token_at(text, run, s, out)
+            e = run.find(b" ", s)
+            s = run.find(_LONG_RUN, e) if e >= 0 else -1
+
+    def _token_at(self, text: str, run: bytes, s: int, out: list[_Cand]) -> None:
+        m = _TOKEN_AT.match(text, s)
+        if m is None and s > 1 and text[s - 1] in ".:":
+            # SendGrid `SG.xxx`, Telegram `123:AAx`: the prefix sits in the short run before.
+            j = run.rfind(b" ", 0, s - 1)
+            m = _TOKEN_AT.match(text, j + 1) if s - 26 <= j + 1 < s - 1 else None
+        if m is None:
+            return
+        det, body = m.lastgroup, m.group()[3:]
+        if det == "openai_key" and not (any(c.isdigit() for c in body) and any(c.isalpha() for c in body)):
+            return  # `sk-some-long-kebab-name` is not a key
+        if det == "huggingface_token" and (body.islower() or body.isupper()):
+            return  # `hf_` + an identifier
+        self._add(out, m.start(), m.end(), det)
+
+    def _numbers(self, text: str, shape: bytes, out: list[_Cand]) -> None:
+        on = self._on
+        n = len(text)
+        for m in _DIGIT_SPAN.finditer(shape):
+            s, e = m.span()
+            digits = shape.count(b"0", s, e)
+            dash, dot = shape.find(b"-", s, e) >= 0, shape.find(b".", s, e) >= 0
+            if digits < 9 and not dot:
+                continue  # `10:00:00 2026`, `a7c2f90 100644`: too short for anything but an IP
+            if e - s == 10 and dash and shape[s:e] == b"0000-00-00":
+                continue  # ISO dates: the commonest benign span by far
+            if s and text[s - 1] in "+(":
+                s -= 1
+                if s and text[s - 1] == "+":
+                    s -= 1
+            stop = min(n, e + 2)  # two chars of lookahead for the boundary checks
+            if dash and digits >= 9 and "ssn" in on:
+                for mm in _SSN.finditer(text, s, stop):
+                    self._add(out, mm.start(), mm.end(), "ssn")
+            if digits >= 10 and "phone" in on:
+                for mm in _PHONE_US.finditer(text, s, stop):
+                    self._add(out, mm.start(), mm.end(), "phone")
+                if text[s] == "+":
+                    for mm in _PHONE_INTL.finditer(text, s, stop):
+                        if 9 <= sum(c.isdigit() for c in mm.group()) <= 15:
+                            self._add(out, mm.start(), mm.end(), "phone")
+            elif digits == 9 and text[s] == "+" and "phone" in on:
+                for mm in _PHONE_INTL.finditer(text, s, stop):
+                    self._add(out, mm.start(), mm.end(), "phone")
+            if digits >= 13 and "credit_card" in on:
+                for mm in _CARD.finditer(text, s, stop):
+                    if _card_ok(mm.group()):
+                        self._add(out, mm.start(), mm.end(), "credit_card")
+            if dot and "ipv4" in on:
+                for mm in _IPV4.finditer(text, s, stop):
+                    if not self.ip_public_only or _public_ip(mm.group()):
+                        self._add(out, mm.start(), mm.end(), "ipv4")
+        if "iban" in on:
+            for m in _IBAN_HEAD.finditer(shape):
+                h = m.start()
+                if h and shape[h - 1] in b"Aa0":
+                    continue
+                mm = _IBAN.match(text, h)
+                if mm and (end := _iban_end(text, h, mm.group())) > 0:
+                    self._add(out, h, end, "iban")
+        if "ipv6" in on and ":" in text:
+            self._ipv6(text, out)
+
+    def _ipv6(self, text: str, out: list[_Cand]) -> None:
+        n, pos = len(text), 0
+        while (h := _V6_HINT.search(text, pos)) is not None:
+            pos = h.end()
+            i = h.start()
+            if h.group() == "::":  # `std::vector`, `Foo::bar`: a letter outside hex touches the colons
+                before = text[i - 1] if i else " "
+                after = text[i + 2] if i + 2 < n else " "
+                if (before.isalnum() and before not in "0123456789abcdefABCDEF") or (
+                    after.isalnum() and after not in "0123456789abcdefABCDEF"
+                ):
+                    continue
+            back = _V6_CHARS.match(text[max(0, i - 39) : i][::-1]).end()
+            m = _IPV6.match(text, i - back)
+            if m is None:
+                continue
+            pos = max(pos, m.end())
+            try:
+                ip = ipaddress.IPv6Address(m.group())
+            except ValueError:
+                continue
+            if self.ip_public_only:
+                if not _public_ip(m.group()):
+                    continue
+            elif sum(1 for g in m.group().split(":") if g) < 2:
+                continue  # `[::2]` is a slice
+            self._add(out, m.start(), m.end(), "ipv6")
+
+    def _url_passwords(self, text: str, out: list[_Cand]) -> None:
+        i = text.find("://")
+        while i >= 0:
+            if i and text[i - 1].isalnum():
+                m = _URL_CRED.match(text, i + 3)
+                if m and _plausible_value(m.group(1), "PASSWORD", False, ""):
+                    self._add(out, m.start(1), m.end(1), "url_password")
+            i = text.find("://", i + 3)
+
+    def _emails(self, text: str, out: list[_Cand]) -> None:
+        at = text.find("@")
+        while at > 0:
+            prev = text[at - 1]
+            if prev.isalnum() or prev in "._%+->":
+                dom = _DOMAIN.match(text, at + 1)
+                if dom:
+                    lm = _LOCAL_REV.match(text[max(0, at - _LOCAL_MAX - 1) : at][::-1])
+                    if lm and lm.end() <= _LOCAL_MAX:
+                        ls = at - lm.end()
+                        while text[ls] == ".":
+                            ls += 1
+                        local = text[ls:at]
+                        # `git@github.com:org/repo` is a service account, and user:pass@host is a URL.
+                        if ls < at and local != "git" and not _in_url_userinfo(text, ls):
+                            self._add(out, ls, dom.end(), "email")
+            at = text.find("@", at + 1)
+
+    def _keywords(self, text: str, low: bytes, run: bytes, out: list[_Cand]) -> None:
+        on = self._on
+        want_assign = "secret_assignment" in on
+        want_window = "entropy" in on or "aws_secret_key" in on
+        if want_assign or want_window:
+            occ = []
+            for root in _ROOTS:
+                i = low.find(root)
+                while i >= 0:
+                    occ.append(i)
+                    i = low.find(root, i + len(root))
+            if occ:
+                self._key_values(text, low, run, sorted(occ), want_assign, want_window, out)
+        if "bearer_token" in on:
+            self._bearer(text, low, out)
+        for det, gate in _DS_LINE_GATES.items():
+            if det in on and gate in low:
+                self._ds_lines(text, low, det, gate, out)
+
+    def _key_values(
+        self, text: str, low: bytes, run: bytes, occ: list[int], want_assign: bool, want_window: bool, out: list[_Cand]
+    ) -> None:
+        n, done = len(text), -1
+        for i in occ:
+            if i < done:
+                continue  # another root of a key already handled (`secret_key`)
+            j = run.find(b" ", i, i + 64)
+            ke = j if j >= 0 else min(n, i + 64)
+            if low[i:ke].rstrip(b"0123456789_-") not in _KEY_WORDS_B:
+                continue  # `passed`, `token_count`, `Author`: the cheap, common rejection
+            lo = max(0, i - 64)
+            j = run.rfind(b" ", lo, i)
+            ks = j + 1 if j >= 0 else lo
+            key = text[ks:ke]
+            kind, context = _key_kind(key, i - ks)
+            if not context:
+                continue  # a later root may still end this key: `auth_token`
+            done = ke
+            if kind and want_assign:
+                m = _ASSIGN.match(text, ke) or (_FLAG.match(text, ke) if key.startswith("--") else None)
+                if m:
+                    g = m.lastgroup
+                    nxt = text[m.end()] if m.end() < n else ""
+                    if _plausible_value(m.group(g), kind, g == "bare", nxt):
+                        self._add(out, m.start(g), m.end(g), "secret_assignment", kind)
+                        continue  # the value is covered; the window would only find it again
+            if want_window:
+                self._window(text, low, ks, ke, "secret" in key.lower(), out)
+
+    def _window(self, text: str, low: bytes, ks: int, ke: int, secret_key: bool, out: list[_Cand]) -> None:
+        """Unknown high-entropy tokens shortly after a secret-ish word."""
+        n = len(text)
+        stop, pos = min(n, ke + 64), ke
+        while (m := self._win_token.match(text, pos, stop)) is not None:
+            s, e = m.span(1)
+            pos = e
+            if e == stop < n:  # the window cut the token: take all of it
+                e = self._win_token.match(text, s).end(1)
+            tok = text[s:e]
+            if not (any(c.isupper() for c in tok) and any(c.islower() for c in tok)):
+                continue
+            if (
+                "aws_secret_key" in self._on
+                and len(tok) == 40
+                and set(tok) <= _B64
+                and (secret_key or low.find(b"aws", max(0, ks - 32), ke) >= 0)
+            ):
+                self._add(out, s, e, "aws_secret_key")
+            elif (
+                "entropy" in self._on
+                and any(c.isdigit() for c in tok)
+                and not _HEXISH.fullmatch(tok)
+                and len(set(tok)) >= 12
+                and _entropy(tok) >= self.entropy_threshold
+            ):
+                self._add(out, s, e, "entropy")
+
+    def _bearer(self, text: str, low: bytes, out: list[_Cand]) -> None:
+        for word, rx in ((b"bearer", _BEARER), (b"authorization", _AUTH_HEADER)):
+            i = low.find(word)
+            while i >= 0:
+                if not (i and text[i - 1].isalnum()):
+                    m = rx.match(text, i + len(word))
+                    if m and _looks_random(m.group(1)):
+                        self._add(out, m.start(1), m.end(1), "bearer_token")
+                i = low.find(word, i + len(word))
+
+    def _ds_lines(self, text: str, low: bytes, det: str, gate: bytes, out: list[_Cand]) -> None:
+        i = low.find(gate)
+        while i >= 0:
+            ls = max(text.rfind("\n", 0, i) + 1, i - 2048)
+            le = text.find("\n", i)
+            le = len(text) if le < 0 else min(le, i + 2048)
+            for rx in _DS_LINE[det]:
+                for m in rx.finditer(text, ls, le):
+                    s, e = m.span(1) if rx.groups else m.span()
+                    if not rx.groups and "=" in m.group():
+                        s = m.start() + m.group().index("=") + 1  # `AccountKey=...`: keep the key name
+                    self._add(out, s, e, det)
+            i = low.find(gate, le)
+
+    def _homes(self, text: str, low: bytes, out: list[_Cand]) -> None:
+        if "/home/" in text or "/Users/" in text:
+            for m in _HOME_NIX.finditer(text):
+                s = m.start()
+                prev = text[s - 1] if s else " "
+                if (prev.isalnum() or prev in "_.-~") or m.group().rsplit("/", 1)[1].lower() in _NOT_A_USER:
+                    continue  # `src/home/views.py` is a repo path, not a home directory
+                self._add(out, s, m.end(), "home_path")
+        if b"users" in low:
+            for m in _HOME_WIN.finditer(text):
+                s = m.start() - 1  # the drive letter
+                if s < 0 or not text[s].isalpha() or not text[s].isascii() or (s and text[s - 1].isalnum()):
+                    continue
+                if _HOME_USER.search(m.group()).group().lower() in _NOT_A_USER:
+                    continue
+                self._add(out, s, m.end(), "home_path")
+        i = text.find("~")
+        while i >= 0:
+            prev = text[i - 1] if i else " "
+            if not (prev.isalnum() or prev in "~/._-\\"):
+                m = _TILDE.match(text, i)
+                if m:
+                    self._add(out, i, m.end(), "home_path")
+            i = text.find("~", i + 1)
+
+    @staticmethod
+    def _resolve(cands: list[_Cand]) -> list[Finding]:
+        """Merge overlapping candidates; the merged span takes the highest-priority detector's kind."""
+        if not cands:
+            return []
+        cands.sort()
+        merged: list[list] = []
+        for s, e, det, kind in cands:
+            if merged and s < merged[-1][1]:
+                last = merged[-1]
+                last[1] = max(last[1], e)
+                if _PRIO[det] < _PRIO[last[2]]:
+                    last[2], last[3] = det, kind
+            else:
+                merged.append([s, e, det, kind])
+        return [Finding(det, kind, s, e) for s, e, det, kind in merged]
