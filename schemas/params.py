@@ -22,6 +22,8 @@ class RedactParams(_Params):
     )
     max_line_bytes: int = Field(4_000_000, ge=1024, description="longer lines are rejected, not parsed")
     workers: int = Field(0, ge=0, description="processes for redaction; 0 = one per core")
+    canaries: list[str] = Field(default_factory=list, description="strings that must never appear in any output")
+    canary_sha256: list[str] = Field(default_factory=list, description="SHA-256 of such strings, to keep them out of params")
 
 
 class ExportParams(_Params):

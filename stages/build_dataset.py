@@ -21,6 +21,7 @@ from schemas.params import BuildDatasetParams, RedactParams
 from schemas.records import DatasetManifest, SplitRow
 from stages.core import atomic_open, content_id, dumps, load_params, read_jsonl, unit_hash, write_json
 from stages.detectors import Redactor
+from stages.leaks import Canaries, scan_text
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -124,7 +125,8 @@ def read_eval(cases: Iterable[dict]) -> dict[str, dict]:
 
 
 def build(traces_path: Path, rejects_path: Path, export_dir: Path, out_dir: Path,
-          params: BuildDatasetParams, redactor: Redactor) -> dict[str, Any]:
+          params: BuildDatasetParams, redactor: Redactor, canaries: Canaries | None = None) -> dict[str, Any]:
+    canaries = canaries or Canaries()
     eval_by_trace = read_eval(read_jsonl(export_dir / "eval-cases.jsonl"))
     fates: Counter = Counter()
     filtered: Counter = Counter()
@@ -246,14 +248,14 @@ def build(traces_path: Path, rejects_path: Path, export_dir: Path, out_dir: Path
         row = SplitRow(id=rid, source=meta["source"], bucket=meta["bucket"], domain=meta["domain"],
                        workflow=meta["workflow"], messages=meta["messages"], tools=meta.get("tools"),
                        trace_id=meta["source_trace_ids"][0]).model_dump(mode="json", exclude_none=True)
-        rescan.update(_rescan(row, redactor))
+        rescan.update(_rescan(row, redactor, canaries))
         lengths["prompt_chars"].append(len(ex["input"]) + len(ex["instruction"]))
         lengths["answer_chars"].append(len(ex["output"]))
         workflows[f"{meta['domain']}/{meta['workflow']}"] += 1
         outcomes[meta.get("outcome", "unknown")] += 1
         rows_out[split].append(dumps(row))
     for r in eval_rows:
-        rescan.update(_rescan(r, redactor))
+        rescan.update(_rescan(r, redactor, canaries))
     digests = {}
     for name, rows in (("train", rows_out["train"]), ("val", rows_out["val"]),
                        ("eval", [dumps(r) for r in eval_rows])):
@@ -278,11 +280,10 @@ def build(traces_path: Path, rejects_path: Path, export_dir: Path, out_dir: Path
             "workflows": workflows, "outcomes": outcomes, "n_eval": len(eval_rows)}
 
 
-def _rescan(row: dict, redactor: Redactor) -> Counter:
+def _rescan(row: dict, redactor: Redactor, canaries: Canaries) -> Counter:
     found: Counter = Counter()
     for s in _strings(row):
-        for f in redactor.scan(s):
-            found[f.detector] += 1
+        found.update(scan_text(s, redactor, canaries))
     return found
 
 
@@ -371,7 +372,8 @@ def main(argv: list[str] | None = None) -> None:
     rp = load_params(args.params, "redact", RedactParams)
     redactor = Redactor(ip_public_only=rp.ip_public_only, entropy_threshold=rp.entropy_threshold,
                         entropy_min_len=rp.entropy_min_len, disabled=frozenset(rp.disabled_detectors))
-    res = build(args.traces, args.rejects, args.export, args.out, params, redactor)
+    res = build(args.traces, args.rejects, args.export, args.out, params, redactor,
+                Canaries(rp.canaries, rp.canary_sha256))
     inputs = {"traces": args.traces, "rejects": args.rejects,
               "training_examples": args.export / "training-examples.jsonl", "eval_cases": args.export / "eval-cases.jsonl"}
     man = manifest(res, params, {k: file_digest(p) for k, p in inputs.items()}, source_files(args.traces))
