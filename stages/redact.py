@@ -17,7 +17,7 @@ import orjson
 
 from schemas.params import RedactParams
 from schemas.records import Reject
-from stages.core import KeyedHasher, atomic_open, dumps, load_key, load_params, write_json
+from stages.core import KeyedHasher, atomic_dir, atomic_open, dumps, load_key, load_params, write_json
 from stages.detectors import Placeholders, Redactor
 from stages.readers import ParseError, normalize, normalize_arguments, parse_line
 
@@ -264,7 +264,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--metrics", required=True, type=Path)
     args = ap.parse_args(argv)
     params = load_params(args.params, "redact", RedactParams)
-    metrics = run(args.raw, args.out / "traces.jsonl", args.out / "rejects.jsonl", params, load_key())
+    key = load_key()
+    with atomic_dir(args.out) as tmp:
+        metrics = run(args.raw, tmp / "traces.jsonl", tmp / "rejects.jsonl", params, key)
     write_json(args.metrics, metrics)
     print(f"redact: {metrics['records']} records -> {metrics['traces']} traces ({metrics['trainable']} trainable), "
           f"{metrics['rejected']} rejected, {metrics['redactions']} redactions in {metrics['traces_with_redactions']} traces")

@@ -92,3 +92,16 @@ def test_repro_is_a_noop_the_second_time_and_param_change_reruns_only_its_stage(
     out = _run(f"dvc repro {' '.join(DATA_STAGES)}", dest, env)
     assert "Running stage 'build_dataset'" in out and "Running stage 'redact'" not in out \
         and "Running stage 'export'" not in out, out
+
+
+def test_two_repros_at_once_give_one_clear_lock_error(clone):
+    dest, env = clone
+    _run("dvc repro redact export build_dataset", dest, env)
+    procs = [subprocess.Popen("dvc repro -f -s build_dataset", shell=True, cwd=dest, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [(p.wait(timeout=300), p.stdout.read()) for p in procs]
+    failed = [o for rc, o in outs if rc != 0]
+    assert len(failed) == 1, outs
+    assert "lock" in failed[0].lower(), failed[0]
+    out = _run("dvc status redact export build_dataset", dest, env)
+    assert "changed" not in out, out
