@@ -15,7 +15,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import xxhash
-from datasketch import MinHash, MinHashLSH
+from datasketch import LeanMinHash, MinHashLSH
 
 from schemas.params import BuildDatasetParams, RedactParams
 from schemas.records import DatasetManifest, SplitRow
@@ -78,8 +78,17 @@ def shingles(messages: list[dict], n: int) -> set[bytes]:
     return {" ".join(words[i:i + n]).encode() for i in range(len(words) - n + 1)}
 
 
+_PRIME = np.uint64((1 << 61) - 1)
+_MAX32 = np.uint64((1 << 32) - 1)
+
+
 class NearDedup:
-    """MinHash + LSH: sub-quadratic near-duplicate search; survivors are checked by estimated Jaccard."""
+    """MinHash + LSH: sub-quadratic near-duplicate search; survivors are checked by estimated Jaccard.
+
+    Signatures are computed here, vectorised over shingles x permutations with xxhash, because
+    datasketch's MinHash() draws its permutations anew for every object (~1 ms a row); its LSH
+    index is used as it is.
+    """
 
     def __init__(self, params: BuildDatasetParams):
         self.threshold = params.near_dedup_threshold
@@ -87,13 +96,17 @@ class NearDedup:
         self.n = params.near_dedup_shingle
         self.lsh = MinHashLSH(threshold=self.threshold, num_perm=self.num_perm)
         self.sigs: dict[str, np.ndarray] = {}
+        rng = np.random.RandomState(1)
+        self._a = rng.randint(1, int(_PRIME), self.num_perm, dtype=np.uint64)
+        self._b = rng.randint(0, int(_PRIME), self.num_perm, dtype=np.uint64)
 
-    def signature(self, messages: list[dict]) -> MinHash:
-        m = MinHash(num_perm=self.num_perm, seed=1)
-        m.update_batch(list(shingles(messages, self.n)))
-        return m
+    def signature(self, messages: list[dict]) -> LeanMinHash:
+        hv = np.fromiter((xxhash.xxh32_intdigest(s) for s in shingles(messages, self.n)), dtype=np.uint64)
+        # Universal hashing (a*h + b) mod p, in uint64 with wrap-around, as datasketch does.
+        perm = np.bitwise_and((np.outer(hv, self._a) + self._b) % _PRIME, _MAX32)
+        return LeanMinHash(seed=1, hashvalues=perm.min(axis=0), scheme="legacy")
 
-    def find(self, key: str, mh: MinHash) -> str | None:
+    def find(self, key: str, mh: LeanMinHash) -> str | None:
         """The surviving row this one nearly duplicates, or None (then it becomes a survivor)."""
         best = None
         for cand in self.lsh.query(mh):
