@@ -64,3 +64,11 @@ ingest: install
 gate: install key
 	dvc repro gate
 	$(BIN)/python -m stages.gate --print-decision data/gate/gate_decision.json
+
+# make bench [BENCH_N=100000] [BENCH_ARGS="--profile --repeat 3 --no-naive --no-extras"]:
+# time redact/export/build_dataset on a seeded synthetic corpus against an orjson floor and a naive
+# json+re.sub script; writes bench/results.json and prints a table (see bench/README.md).
+BENCH_N ?= 100000
+BENCH_ARGS ?=
+bench: install
+	$(BIN)/python -m bench.run --n $(BENCH_N) --work bench/work --out bench/results.json $(BENCH_ARGS)
