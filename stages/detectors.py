@@ -1,26 +1,27 @@
 """Text-level PII and secret detectors, and the per-trace placeholder table, for the `redact` stage.
 
-How it stays fast: CPython's `re` is quick (~1 GB/s) only when a pattern starts with a literal; a
-pattern that starts with a character class or a lookbehind costs ~10 ns per character because it is
-tried at every position. So no text is ever scanned with such a pattern. Per text we run one
-`bytes.translate` into a "shape" string (digits -> '0', letters -> 'A'/'a') and one into a "run"
-string (token characters -> 'w', everything else -> ' '). Literal searches on those find the few
-candidates: runs of >= 20 token characters (every vendor token is one), digit spans, IBAN heads.
-Keyword-led detectors start from `bytes.find` hits of a handful of roots (pass, token, key, ...),
-emails from '@', URL credentials from '://'. Exact patterns and the validators (Luhn, mod-97,
-`ipaddress`, entropy) run only at those candidates. Every pattern is bounded or possessive, so
-pathological input stays linear.
+Speed: CPython's `re` is fast (~1 GB/s) only when a pattern starts with a literal; a pattern that
+starts with a character class or a lookbehind is tried at every position (~10 ns a char). So no
+text is scanned with one. Per text, `bytes.translate` builds a "run" string (token chars -> 'w')
+and a "shape" string (digits -> '0', letters -> 'A'/'a'), and literal `find`s on them locate the
+few candidates: runs of >= 20 token chars (every vendor token is one), digit spans, IBAN heads.
+Keyword detectors start from `find` hits of a few roots (pass, token, key, ...), emails from '@',
+URL credentials from '://'. Exact patterns and validators (Luhn, mod-97, `ipaddress`, entropy) run
+only there, anchored or bounded, so pathological input stays linear.
 
-Overlapping findings are merged into one span that takes the kind of the highest-priority detector
-(DETECTORS order), so a secret flagged by two detectors is never half-replaced.
+Correctness: overlapping findings merge into one span that takes the kind of the highest-priority
+detector (DETECTORS order), so nothing is half-replaced. Redaction is idempotent: placeholders
+never match, and a rescan catches what a replacement exposes (see `Redactor._settle`).
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import functools
 import ipaddress
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = ["DETECTORS", "PLACEHOLDER_RE", "Finding", "Placeholders", "Redactor"]
@@ -120,14 +121,15 @@ _SHAPE_T = bytes(
     0x30 if 0x30 <= i <= 0x39 else 0x41 if 0x41 <= i <= 0x5A else 0x61 if 0x61 <= i <= 0x7A else i
     for i in range(256)
 )
+_TOK_T = bytes(0x74 if i in _TOKEN_BYTES or i in b"+/~" else 0x20 for i in range(256))  # base64-ish chars
 _LONG_RUN = b"w" * 20  # every vendor token is a run of >= 20 token chars
 _DIGIT_SPAN = re.compile(rb"0[0 .()\-]{5,}0")  # >= 7 chars of digits and phone/card/IP separators
-_IBAN_HEAD = re.compile(rb"AA00")
 
 # --------------------------------------------------------------------------- token runs
 
 # Every alternative is matched at the start of a run of >= 20 token chars ([A-Za-z0-9_-]).
 _MY_TOKENS = {
+    "jwt": r"eyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*",  # header or payload is a long run
     "aws_access_key": r"(?:A3T[A-Z0-9]|AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AROA|AIPA|ANPA|ANVA|APKA)[A-Z0-9]{16}(?![A-Za-z0-9])",
     "github_token": r"gh[pousr]_[A-Za-z0-9]{36,251}(?![A-Za-z0-9])|github_pat_[A-Za-z0-9_]{22,255}(?![A-Za-z0-9_])",
     "gitlab_token": r"(?:glpat|gldt|glft|glsoat|glrtr?|glcbt|glimt|glptt|glagent|gloas|glffct)-[A-Za-z0-9_\-]{20,}|GR1348941[A-Za-z0-9_\-]{20,50}(?![A-Za-z0-9_\-])",
@@ -193,9 +195,12 @@ def _build_token_re(ds: dict[str, list[re.Pattern]]) -> re.Pattern:
 
 _DS = _ds_patterns()
 _TOKEN_AT = _build_token_re(_DS)
-_DS_LINE = {det: [re.compile(p.pattern, (p.flags & ~re.U) | re.A) for p in _DS[det]] for det, mode in _DS_PLUGINS.values() if mode == "line"}
+_DS_LINE = {
+    det: [re.compile(p.pattern, (p.flags & ~re.U) | re.A) for p in _DS[det]]
+    for det, mode in _DS_PLUGINS.values()
+    if mode == "line"
+}
 
-_JWT = re.compile(r"eyJ(?<![A-Za-z0-9_\-]eyJ)[A-Za-z0-9_\-]{8,}+\.eyJ[A-Za-z0-9_\-]{8,}+\.[A-Za-z0-9_\-]*+", re.A)
 _SLACK_HOOK = re.compile(r"hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9_/+\-]{8,}+", re.A)
 _PEM_BEGIN = re.compile(r"-----BEGIN[ A-Z0-9]{0,40}PRIVATE KEY(?: BLOCK)?-----")
 _PEM_END = re.compile(r"-----END[ A-Z0-9]{0,40}PRIVATE KEY(?: BLOCK)?-----")
@@ -210,12 +215,12 @@ _PHONE_US = re.compile(
     r"(?<![\w+.\-])(?:\+?1[ .\-]?)?(?:\([2-9]\d\d\) ?|[2-9]\d\d[ .\-])[2-9]\d\d[ .\-]\d{4}(?![\w\-]|\.\d)", re.A
 )
 _PHONE_INTL = re.compile(r"(?<![\w+])\+[2-9]\d{0,2}(?:[ .\-]?\(?\d{1,4}+\)?){2,6}+(?!\w|\.\d)", re.A)
-_CARD = re.compile(r"(?<![\w.+\-])\d(?:[ \-]?\d){12,18}+(?![\w\-]|\.\d)", re.A)
+_CARD = re.compile(r"(?<![\w.+\-])\d(?:[ \-]?\d){12,18}(?![\w\-]|\.\d)", re.A)  # backs off a trailing group
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\d)", re.A)
 _V6_HINT = re.compile(r"::|:[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:")
 _V6_CHARS = re.compile(r"[0-9A-Fa-f:]*")
-_IPV6 = re.compile(r"(?<![\w:.])[0-9A-Fa-f:]{2,39}(?:(?<=:)\d{1,3}(?:\.\d{1,3}){3})?(?![\w:.])", re.A)
+_IPV6 = re.compile(r"(?<![\w:.])[0-9A-Fa-f:]{2,39}(?:(?<=:)\d{1,3}(?:\.\d{1,3}){3})?(?![\w:]|\.\d)", re.A)
 _IBAN = re.compile(r"[A-Z]{2}\d\d(?: ?[A-Z0-9]){11,32}+", re.A)
 _IBAN_LEN = dict(
     (e[:2], int(e[2:]))
@@ -234,7 +239,7 @@ _IBAN_LEN = dict(
 # `<EMAIL_1>@evil.com` is still an address rather than a way to smuggle one past the redactor.
 _LOCAL_REV = re.compile(r"(?:[A-Za-z0-9._%+\-]|>\d+_[A-Z0-9_]*[A-Z]<)+", re.A)
 _LOCAL_MAX = 128
-_DOMAIN = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}(?![A-Za-z0-9\-])", re.A)
+_DOMAIN = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}(?![A-Za-z0-9])", re.A)
 _URL_CRED = re.compile(r"[^\s:/?#\[\]@\"'<>]{0,128}:([^\s/?#\[\]@\"'<>]{1,256})@")
 _HOME_NIX = re.compile(r"/(?:home|Users)/[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}(?![A-Za-z0-9_.\-])", re.A)
 _HOME_WIN = re.compile(
@@ -244,11 +249,13 @@ _HOME_WIN = re.compile(
 )
 # `~name` alone is also Python's bitwise not (`x & ~mask`), so it counts only before '/', a line end or a quote.
 _TILDE = re.compile(r"~[a-z_][a-z0-9_\-]{0,31}(?=/|$|[\r\n\"'`:])", re.A | re.M)
-_HOME_USER = re.compile(r"[^/\\~]+$")
+_HOME_USER = re.compile(r"(?:~|/(?:home|Users)/|[A-Za-z]:(?:\\\\|\\|/)[Uu][Ss][Ee][Rr][Ss](?:\\\\|\\|/))([^/\\]+)")
 _NOT_A_USER = frozenset({"shared", "public", "default", "default user", "all users", "guest"})
 
 # --------------------------------------------------------------------------- keyword contexts
 
+# Under 20 chars only these can start a finding: digits, '@', URL/IPv6/drive colons, paths, keywords.
+_SHORT_HINT = re.compile(r"[0-9@:~/]|pass|pwd|secret|token|key|auth|cred|bearer")
 _ROOTS = (b"pass", b"pwd", b"secret", b"token", b"key", b"auth", b"cred")
 _ROOT_STRS = tuple(r.decode() for r in _ROOTS)
 # The last word of a key (root + what may follow it) -> assignment kind; None marks a word that is
@@ -260,8 +267,9 @@ _KEY_WORDS: dict[str, str | None] = {
     **dict.fromkeys(("key", "keys", "tokens", "secrets", "passwords"), None),
 }
 _KEY_WORDS_B = frozenset(w.encode() for w in _KEY_WORDS)
+# `key` names a secret only after one of these (api_key, apiKey, privateKey); `client_key` may be a path.
 _KEY_PREFIXES = {"api": "API_KEY", "access": "SECRET", "private": "SECRET", "signing": "SECRET",
-                 "encryption": "SECRET", "master": "SECRET", "client": "CLIENT"}  # client: only client_secret
+                 "encryption": "SECRET", "master": "SECRET"}
 _KEY_PREFIX_SIZES = sorted({len(p) for p in _KEY_PREFIXES}, reverse=True)
 
 _ASSIGN = re.compile(
@@ -295,13 +303,14 @@ def _key_kind(key: str, r: int) -> tuple[str | None, bool]:
     if word not in _KEY_WORDS:
         return None, False  # `token_count`, `passed`, `keyboard`
     kind, j = _KEY_WORDS[word], r
-    if word in ("key", "keys", "secret"):  # api_key, apiKey, client_secret, privateKey
-        p_end = r - 1 if r and k[r - 1] in "_-" else r
+    p_end = r - 1 if r and k[r - 1] in "_-" else r  # end of the word before the root
+    if word == "key":
         for size in _KEY_PREFIX_SIZES:
-            pkind = _KEY_PREFIXES.get(k[p_end - size : p_end]) if size <= p_end else None
-            if pkind and (word != "secret" or pkind == "CLIENT"):
-                kind, j = ("SECRET" if word == "secret" else pkind if word == "key" else None), p_end - size
+            if size <= p_end and (pkind := _KEY_PREFIXES.get(k[p_end - size : p_end])):
+                kind, j = pkind, p_end - size
                 break
+    elif word == "secret" and k.endswith("client", 0, p_end):
+        j = p_end - 6  # `clientsecret` is one component
     # The word must start a component: `db_password`, `dbPassword`, `--password`; not `bypass`.
     if j == 0 or k[j - 1] in "_-" or (key[j].isupper() and not key[j - 1].isupper()):
         return kind, True
@@ -410,6 +419,13 @@ def _public_ip(addr: str) -> bool:
     return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_loopback or ip.is_link_local)
 
 
+def _ends_placeholder(text: str, i: int) -> bool:
+    """True when a placeholder ends at `i`: it stands for text that was there in the first pass."""
+    return i > 0 and text[i - 1] == ">" and (lt := text.rfind("<", max(0, i - 40), i)) >= 0 and bool(
+        PLACEHOLDER_RE.fullmatch(text, lt, i)
+    )
+
+
 def _in_url_userinfo(text: str, ls: int) -> bool:
     """True when `text[ls:]` starts the password of `scheme://user:PASSWORD@host`."""
     if ls == 0 or text[ls - 1] != ":":
@@ -421,6 +437,11 @@ def _in_url_userinfo(text: str, ls: int) -> bool:
 # --------------------------------------------------------------------------- the redactor
 
 _Cand = tuple  # (start, end, detector, kind)
+# Joins a trace's strings for one scan. Every pattern stops at a newline, and the two that look
+# further (PEM END, the entropy window) stop at NUL, so no finding crosses it.
+_BATCH_SEP = "\n\x00\n"
+_MAX_PASSES = 8
+_GLUE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-+@\\~%")
 
 
 class Redactor:
@@ -439,21 +460,15 @@ class Redactor:
         self.entropy_threshold = entropy_threshold
         self.entropy_min_len = entropy_min_len
         self._on = frozenset(DETECTORS) - frozenset(disabled)
-        # One anchored match walks the window inside sre, skipping short tokens, and stops at the
-        # first long one; a search would restart at every position of every short word.
-        t, short, long_ = r"A-Za-z0-9+/_~\-", max(0, entropy_min_len - 1), max(1, entropy_min_len)
-        self._win_token = re.compile(
-            rf"(?:[^{t}]++|[{t}]{{1,{short}}}+(?![{t}]))*+([{t}]{{{long_},}}+={{0,2}})" if short else rf"[^{t}]*+([{t}]+={{0,2}})",
-            re.A,
-        )
+        self._long_tok = b"t" * max(1, entropy_min_len)
 
     # ---------------------------------------------------------------- public API
 
     def scan(self, text: str) -> list[Finding]:
         """Non-overlapping findings, sorted by start."""
         n = len(text)
-        if n < 4 or (n < 20 and text.isalpha()):
-            return []
+        if n < 20 and (n < 2 or text.isalpha() or not _SHORT_HINT.search(text.lower())):
+            return []  # too short for any token run; this is most of a trace's strings (keys, roles)
         raw = text.encode("latin-1", "replace")  # one byte per char: offsets match the str
         out: list[_Cand] = []
         self._blocks(text, out)
@@ -466,22 +481,74 @@ class Redactor:
             if "email" in self._on:
                 self._emails(text, out)
         low = raw.lower()
-        self._keywords(text, low, run, out)
+        self._keywords(text, raw, low, run, out)
         if "home_path" in self._on:
             self._homes(text, low, out)
         return self._resolve(out)
 
+    def redact_many(self, texts: Sequence[str], table: Placeholders) -> list[str]:
+        """`[redact(t, table) for t in texts]` (after reserving all of them), with one scan per batch.
+
+        Every call pays a fixed cost (encode, translate, a dozen finds) before looking at a byte,
+        and a trace has many strings, so handing over a whole trace pays it once.
+        """
+        for t in texts:
+            table.reserve(t)
+        if len(texts) < 2:
+            return [self.redact(t, table) for t in texts]
+        joined = _BATCH_SEP.join(texts)
+        found = self.scan(joined)
+        out = list(texts)
+        if not found:
+            return out
+        starts, pos = [], 0
+        for t in texts:
+            starts.append(pos)
+            pos += len(t) + len(_BATCH_SEP)
+        by_text: dict[int, list[Finding]] = {}
+        for f in found:
+            i = bisect.bisect_right(starts, f.start) - 1
+            by_text.setdefault(i, []).append(f)
+        for i, fs in by_text.items():
+            base = starts[i]
+            out[i] = self._settle(texts[i], [Finding(f.detector, f.kind, f.start - base, f.end - base) for f in fs], table)
+        return out
+
     def redact(self, text: str, table: Placeholders) -> str:
         """Replace every finding with the table's placeholder for its (kind, value)."""
         table.reserve(text)  # a safety net; the stage reserves every string of the trace first
-        found = self.scan(text)
-        if not found:
-            return text
+        return self._settle(text, self.scan(text), table)
+
+    def _settle(self, text: str, found: list[Finding], table: Placeholders) -> str:
+        """Apply findings; rescan while a replacement may have exposed a neighbour.
+
+        A neighbour's boundary check saw the secret's edge char and now sees '<' or '>', so it can
+        only change where a finding touches a char that continues a token, number or email
+        (`a@b.io-----BEGIN ...`). Not '/', the commonest neighbour (`/home/alice/src`): only a home
+        path could start there, and it treats a placeholder before it as the name it replaced.
+        Each pass replaces at least one original char, so this ends; the bound is only a guard.
+        """
+        for _ in range(_MAX_PASSES):
+            if not found:
+                break
+            n = len(text)
+            glued = any(
+                (f.start and text[f.start - 1] in _GLUE) or (f.end < n and text[f.end] in _GLUE) for f in found
+            )
+            text = self._apply(text, found, table)
+            if not glued:
+                break
+            found = self.scan(text)
+        return text
+
+    @staticmethod
+    def _apply(text: str, found: list[Finding], table: Placeholders) -> str:
         parts, pos = [], 0
         for f in found:
             value = text[f.start : f.end]
             if f.kind == "HOME":  # /home/alice, /Users/alice and ~alice are the same person
-                value = _HOME_USER.search(value).group()
+                m = _HOME_USER.match(value)
+                value = m.group(1) if m else value
             elif f.kind == "EMAIL":
                 value = value.lower()
             parts.append(text[pos : f.start])
@@ -498,19 +565,20 @@ class Redactor:
             out.append((start, end, det, kind or _KINDS[det]))
 
     def _blocks(self, text: str, out: list[_Cand]) -> None:
-        """Multi-part secrets that a single token run cannot hold: PEM blocks, JWTs, Slack webhooks."""
+        """Secrets that do not start a token run: PEM blocks and Slack webhook URLs."""
         if "-----BEGIN" in text:
             pos, end_at = 0, -2
             while (m := _PEM_BEGIN.search(text, pos)) is not None:
                 if end_at != -1 and end_at < m.end():  # one forward search for END, shared by all BEGINs
                     end_at = text.find("-----END", m.end())
-                fm = _PEM_END.match(text, end_at) if 0 <= end_at - m.end() <= _PEM_MAX else None
+                fm = (
+                    _PEM_END.match(text, end_at)
+                    if 0 <= end_at - m.end() <= _PEM_MAX and text.find("\x00", m.end(), end_at) < 0
+                    else None
+                )
                 stop = fm.end() if fm else _PEM_BODY.match(text, m.end()).end()
                 self._add(out, m.start(), stop, "private_key")
                 pos = stop
-        if "eyJ" in text:
-            for m in _JWT.finditer(text):
-                self._add(out, m.start(), m.end(), "jwt")
         if "hooks.slack.com/" in text:
             for m in _SLACK_HOOK.finditer(text):
                 s = m.start()
@@ -531,9 +599,16 @@ class Redactor:
     def _token_at(self, text: str, run: bytes, s: int, out: list[_Cand]) -> None:
         m = _TOKEN_AT.match(text, s)
         if m is None and s > 1 and text[s - 1] in ".:":
-            # SendGrid `SG.xxx`, Telegram `123:AAx`: the prefix sits in the short run before.
-            j = run.rfind(b" ", 0, s - 1)
-            m = _TOKEN_AT.match(text, j + 1) if s - 26 <= j + 1 < s - 1 else None
+            # SendGrid `SG.xxx`, Telegram `123:AAx`, a JWT with a short header: the prefix sits
+            # in the short run before, maybe after other chars (`/bot123:AAx`).
+            j = run.rfind(b" ", 0, s - 1) + 1
+            if s - 26 <= j < s - 1:
+                m = _TOKEN_AT.match(text, j)
+                k = s - 1
+                while m is None and k > j and text[k - 1].isdigit():
+                    k -= 1
+                if m is None and k < s - 1:
+                    m = _TOKEN_AT.match(text, k)
         if m is None:
             return
         det, body = m.lastgroup, m.group()[3:]
@@ -544,50 +619,47 @@ class Redactor:
         self._add(out, m.start(), m.end(), det)
 
     def _numbers(self, text: str, shape: bytes, out: list[_Cand]) -> None:
-        on = self._on
-        n = len(text)
+        """Phones, SSNs, cards and IPv4 inside digit spans; IBANs from their `AA00` head."""
+        on, n = self._on, len(text)
         for m in _DIGIT_SPAN.finditer(shape):
             s, e = m.span()
             digits = shape.count(b"0", s, e)
-            dash, dot = shape.find(b"-", s, e) >= 0, shape.find(b".", s, e) >= 0
-            if digits < 9 and not dot:
-                continue  # `10:00:00 2026`, `a7c2f90 100644`: too short for anything but an IP
-            if e - s == 10 and dash and shape[s:e] == b"0000-00-00":
-                continue  # ISO dates: the commonest benign span by far
+            dots = shape.count(b".", s, e)
+            if digits < 9 and dots < 3:
+                continue  # `10:00:00 2026`, `a7c2f90 100644`, `3.11.7`
             if s and text[s - 1] in "+(":
                 s -= 1
                 if s and text[s - 1] == "+":
                     s -= 1
             stop = min(n, e + 2)  # two chars of lookahead for the boundary checks
-            if dash and digits >= 9 and "ssn" in on:
+            # Literal shape checks pick the exact patterns worth running; each costs a scan of the span.
+            if digits >= 9 and "ssn" in on and shape.find(b"000-00-0000", s, e) >= 0:
                 for mm in _SSN.finditer(text, s, stop):
                     self._add(out, mm.start(), mm.end(), "ssn")
-            if digits >= 10 and "phone" in on:
-                for mm in _PHONE_US.finditer(text, s, stop):
-                    self._add(out, mm.start(), mm.end(), "phone")
+            if digits >= 9 and "phone" in on:
+                if digits >= 10 and any(shape.find(t, s, e) >= 0 for t in (b"0-0000", b"0.0000", b"0 0000")):
+                    for mm in _PHONE_US.finditer(text, s, stop):
+                        self._add(out, mm.start(), mm.end(), "phone")
                 if text[s] == "+":
                     for mm in _PHONE_INTL.finditer(text, s, stop):
                         if 9 <= sum(c.isdigit() for c in mm.group()) <= 15:
                             self._add(out, mm.start(), mm.end(), "phone")
-            elif digits == 9 and text[s] == "+" and "phone" in on:
-                for mm in _PHONE_INTL.finditer(text, s, stop):
-                    self._add(out, mm.start(), mm.end(), "phone")
             if digits >= 13 and "credit_card" in on:
                 for mm in _CARD.finditer(text, s, stop):
                     if _card_ok(mm.group()):
                         self._add(out, mm.start(), mm.end(), "credit_card")
-            if dot and "ipv4" in on:
+            if dots >= 3 and "ipv4" in on:
                 for mm in _IPV4.finditer(text, s, stop):
                     if not self.ip_public_only or _public_ip(mm.group()):
                         self._add(out, mm.start(), mm.end(), "ipv4")
         if "iban" in on:
-            for m in _IBAN_HEAD.finditer(shape):
-                h = m.start()
-                if h and shape[h - 1] in b"Aa0":
-                    continue
-                mm = _IBAN.match(text, h)
-                if mm and (end := _iban_end(text, h, mm.group())) > 0:
-                    self._add(out, h, end, "iban")
+            h = shape.find(b"AA00")
+            while h >= 0:
+                if not (h and shape[h - 1] in b"Aa0"):
+                    mm = _IBAN.match(text, h)
+                    if mm and (end := _iban_end(text, h, mm.group())) > 0:
+                        self._add(out, h, end, "iban")
+                h = shape.find(b"AA00", h + 1)
         if "ipv6" in on and ":" in text:
             self._ipv6(text, out)
 
@@ -608,16 +680,13 @@ class Redactor:
             if m is None:
                 continue
             pos = max(pos, m.end())
+            cand = m.group()
             try:
-                ip = ipaddress.IPv6Address(m.group())
+                public = ":" in cand and _public_ip(cand)
             except ValueError:
-                continue
-            if self.ip_public_only:
-                if not _public_ip(m.group()):
-                    continue
-            elif sum(1 for g in m.group().split(":") if g) < 2:
-                continue  # `[::2]` is a slice
-            self._add(out, m.start(), m.end(), "ipv6")
+                continue  # not an address: `10:00:00`, a MAC, `de:ad:be:ef`
+            if public if self.ip_public_only else sum(1 for g in cand.split(":") if g) >= 2:  # `[::2]` is a slice
+                self._add(out, m.start(), m.end(), "ipv6")
 
     def _url_passwords(self, text: str, out: list[_Cand]) -> None:
         i = text.find("://")
@@ -630,8 +699,8 @@ class Redactor:
 
     def _emails(self, text: str, out: list[_Cand]) -> None:
         at = text.find("@")
-        while at > 0:
-            prev = text[at - 1]
+        while at >= 0:
+            prev = text[at - 1] if at else " "
             if prev.isalnum() or prev in "._%+->":
                 dom = _DOMAIN.match(text, at + 1)
                 if dom:
@@ -646,39 +715,45 @@ class Redactor:
                             self._add(out, ls, dom.end(), "email")
             at = text.find("@", at + 1)
 
-    def _keywords(self, text: str, low: bytes, run: bytes, out: list[_Cand]) -> None:
+    def _keywords(self, text: str, raw: bytes, low: bytes, run: bytes, out: list[_Cand]) -> None:
         on = self._on
-        want_assign = "secret_assignment" in on
-        want_window = "entropy" in on or "aws_secret_key" in on
-        if want_assign or want_window:
-            occ = []
-            for root in _ROOTS:
-                i = low.find(root)
-                while i >= 0:
-                    occ.append(i)
-                    i = low.find(root, i + len(root))
-            if occ:
-                self._key_values(text, low, run, sorted(occ), want_assign, want_window, out)
+        occ = []
+        for root in _ROOTS:
+            i = low.find(root)
+            while i >= 0:
+                occ.append(i)
+                i = low.find(root, i + len(root))
+        if occ:
+            self._key_values(text, raw, low, run, sorted(occ), out)
         if "bearer_token" in on:
-            self._bearer(text, low, out)
+            i = low.find(b"bearer")
+            while i >= 0:
+                self._bearer(text, i, i + 6, _BEARER, out)
+                i = low.find(b"bearer", i + 6)
         for det, gate in _DS_LINE_GATES.items():
             if det in on and gate in low:
                 self._ds_lines(text, low, det, gate, out)
 
-    def _key_values(
-        self, text: str, low: bytes, run: bytes, occ: list[int], want_assign: bool, want_window: bool, out: list[_Cand]
-    ) -> None:
-        n, done = len(text), -1
+    def _key_values(self, text: str, raw: bytes, low: bytes, run: bytes, occ: list[int], out: list[_Cand]) -> None:
+        """`key = value` assignments and high-entropy tokens shortly after a secret-ish word."""
+        n, done, tok = len(text), -1, None
+        want_assign = "secret_assignment" in self._on
+        want_window = "entropy" in self._on or "aws_secret_key" in self._on
         for i in occ:
             if i < done:
                 continue  # another root of a key already handled (`secret_key`)
             j = run.find(b" ", i, i + 64)
             ke = j if j >= 0 else min(n, i + 64)
-            if low[i:ke].rstrip(b"0123456789_-") not in _KEY_WORDS_B:
-                continue  # `passed`, `token_count`, `Author`: the cheap, common rejection
+            word = low[i:ke].rstrip(b"0123456789_-")
+            if word not in _KEY_WORDS_B:  # `passed`, `token_count`, `Author`: the cheap, common rejection
+                if word == b"authorization" and "bearer_token" in self._on:
+                    self._bearer(text, i, ke, _AUTH_HEADER, out)
+                continue
             lo = max(0, i - 64)
             j = run.rfind(b" ", lo, i)
             ks = j + 1 if j >= 0 else lo
+            if ks and text[ks - 1] == "<" and text.startswith(">", ke):
+                continue  # `<API_KEY_1>` is our own placeholder, not a key name
             key = text[ks:ke]
             kind, context = _key_kind(key, i - ks)
             if not context:
@@ -689,49 +764,66 @@ class Redactor:
                 if m:
                     g = m.lastgroup
                     nxt = text[m.end()] if m.end() < n else ""
-                    if _plausible_value(m.group(g), kind, g == "bare", nxt):
+                    v = m.group(g)
+                    if _plausible_value(v, kind, g == "bare", nxt):
                         self._add(out, m.start(g), m.end(g), "secret_assignment", kind)
+                        if self._aws_secret(v, key, low, ks, ke):
+                            self._add(out, m.start(g), m.end(g), "aws_secret_key")
                         continue  # the value is covered; the window would only find it again
             if want_window:
-                self._window(text, low, ks, ke, "secret" in key.lower(), out)
+                if tok is None:
+                    tok = raw.translate(_TOK_T)
+                self._window(text, low, tok, key, ks, ke, out)
 
-    def _window(self, text: str, low: bytes, ks: int, ke: int, secret_key: bool, out: list[_Cand]) -> None:
-        """Unknown high-entropy tokens shortly after a secret-ish word."""
-        n = len(text)
-        stop, pos = min(n, ke + 64), ke
-        while (m := self._win_token.match(text, pos, stop)) is not None:
-            s, e = m.span(1)
+    def _aws_secret(self, tok: str, key: str, low: bytes, ks: int, ke: int) -> bool:
+        """A 40-char base64 secret after an aws/secret word (AWS never prefixes its secret keys)."""
+        return (
+            len(tok) == 40
+            and "aws_secret_key" in self._on
+            and set(tok) <= _B64
+            and any(c.isupper() for c in tok)
+            and any(c.islower() for c in tok)
+            and ("secret" in key.lower() or low.find(b"aws", max(0, ks - 32), ke) >= 0)
+        )
+
+    def _window(self, text: str, low: bytes, tok: bytes, key: str, ks: int, ke: int, out: list[_Cand]) -> None:
+        """Tokens of >= entropy_min_len chars that start within 64 chars after a secret-ish word."""
+        n, size = len(text), len(self._long_tok)
+        stop = min(n, ke + 64)
+        if (nul := text.find("\x00", ke, stop)) >= 0:
+            stop = nul  # the batch separator: context never reaches into the next string
+        pos = ke
+        while (s := tok.find(self._long_tok, pos, stop + size - 1)) >= 0:
+            if (lt := text.find("<", pos, s)) >= 0 and PLACEHOLDER_RE.search(text, lt, s):
+                # Stop at a placeholder: up to there the text is what the first pass saw, so a
+                # second pass decides the same (past it, shrunken secrets pull new text in).
+                return
+            e = tok.find(b" ", s)
+            e = n if e < 0 else e
+            if text.startswith("=", e):  # base64 padding
+                e += 2 if text.startswith("==", e) else 1
             pos = e
-            if e == stop < n:  # the window cut the token: take all of it
-                e = self._win_token.match(text, s).end(1)
-            tok = text[s:e]
-            if not (any(c.isupper() for c in tok) and any(c.islower() for c in tok)):
-                continue
-            if (
-                "aws_secret_key" in self._on
-                and len(tok) == 40
-                and set(tok) <= _B64
-                and (secret_key or low.find(b"aws", max(0, ks - 32), ke) >= 0)
-            ):
+            t = text[s:e]
+            if self._aws_secret(t, key, low, ks, ke):
                 self._add(out, s, e, "aws_secret_key")
             elif (
                 "entropy" in self._on
-                and any(c.isdigit() for c in tok)
-                and not _HEXISH.fullmatch(tok)
-                and len(set(tok)) >= 12
-                and _entropy(tok) >= self.entropy_threshold
+                and any(c.isupper() for c in t)
+                and any(c.islower() for c in t)
+                and any(c.isdigit() for c in t)
+                and not _HEXISH.fullmatch(t)
+                and len(set(t)) >= 12
+                and _entropy(t) >= self.entropy_threshold
             ):
                 self._add(out, s, e, "entropy")
 
-    def _bearer(self, text: str, low: bytes, out: list[_Cand]) -> None:
-        for word, rx in ((b"bearer", _BEARER), (b"authorization", _AUTH_HEADER)):
-            i = low.find(word)
-            while i >= 0:
-                if not (i and text[i - 1].isalnum()):
-                    m = rx.match(text, i + len(word))
-                    if m and _looks_random(m.group(1)):
-                        self._add(out, m.start(1), m.end(1), "bearer_token")
-                i = low.find(word, i + len(word))
+    def _bearer(self, text: str, i: int, after: int, rx: re.Pattern, out: list[_Cand]) -> None:
+        """`Bearer <token>` anywhere, and `Authorization: [Basic|Token|Digest] <token>`."""
+        if i and text[i - 1].isalnum():
+            return
+        m = rx.match(text, after)
+        if m and _looks_random(m.group(1)):
+            self._add(out, m.start(1), m.end(1), "bearer_token")
 
     def _ds_lines(self, text: str, low: bytes, det: str, gate: bytes, out: list[_Cand]) -> None:
         i = low.find(gate)
@@ -752,15 +844,17 @@ class Redactor:
             for m in _HOME_NIX.finditer(text):
                 s = m.start()
                 prev = text[s - 1] if s else " "
-                if (prev.isalnum() or prev in "_.-~") or m.group().rsplit("/", 1)[1].lower() in _NOT_A_USER:
+                if prev.isalnum() or prev in "_.-~" or _ends_placeholder(text, s):
                     continue  # `src/home/views.py` is a repo path, not a home directory
+                if m.group().rsplit("/", 1)[1].lower() in _NOT_A_USER:
+                    continue
                 self._add(out, s, m.end(), "home_path")
         if b"users" in low:
             for m in _HOME_WIN.finditer(text):
                 s = m.start() - 1  # the drive letter
                 if s < 0 or not text[s].isalpha() or not text[s].isascii() or (s and text[s - 1].isalnum()):
                     continue
-                if _HOME_USER.search(m.group()).group().lower() in _NOT_A_USER:
+                if _HOME_USER.match(text, s).group(1).lower() in _NOT_A_USER:
                     continue
                 self._add(out, s, m.end(), "home_path")
         i = text.find("~")

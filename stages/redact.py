@@ -23,7 +23,6 @@ from stages.readers import ParseError, normalize, normalize_arguments, parse_lin
 
 # Snapshot sub-folder -> mixing bucket. approved-runs and traces are both real work.
 BUCKETS = {"approved-runs": "real", "traces": "real", "synthetic": "synthetic", "adversarial": "adversarial"}
-_SKIP_KEYS = frozenset({"id", "tool_call_id", "type", "role", "format", "bucket", "source_file", "source_line"})
 
 
 # ---------------------------------------------------------------- discovery
@@ -68,33 +67,32 @@ def iter_raw(files: Iterable[tuple[str, str, Path]], stats: Counter) -> Iterator
 
 
 # ---------------------------------------------------------------- redaction of one record
-class _Scrubber:
-    """Walks every string of a trace through one per-trace placeholder table."""
+def _collect(obj: Any, out: list[str]) -> None:
+    """Every string of a record, dict keys included, in a fixed walk order."""
+    if isinstance(obj, str):
+        out.append(obj)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            out.append(k)
+            _collect(v, out)
+    elif isinstance(obj, list):
+        for v in obj:
+            _collect(v, out)
 
-    def __init__(self, redactor: Redactor):
-        self.redactor = redactor
-        self.table = Placeholders()
 
-    def strings(self, obj: Any) -> Iterator[str]:
-        if isinstance(obj, str):
-            yield obj
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                yield k
-                yield from self.strings(v)
-        elif isinstance(obj, list):
-            for v in obj:
-                yield from self.strings(v)
-
-    def scrub(self, obj: Any) -> Any:
-        if isinstance(obj, str):
-            return self.redactor.redact(obj, self.table)
-        if isinstance(obj, dict):
-            return {self.scrub(k) if isinstance(k, str) else k: (v if k in _SKIP_KEYS else self.scrub(v))
-                    for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [self.scrub(v) for v in obj]
-        return obj
+def _rebuild(obj: Any, it: Iterator[str]) -> Any:
+    """The same walk as _collect, taking each string's replacement from `it`."""
+    if isinstance(obj, str):
+        return next(it)
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            nk = next(it)
+            out[nk] = _rebuild(v, it)
+        return out
+    if isinstance(obj, list):
+        return [_rebuild(v, it) for v in obj]
+    return obj
 
 
 def _arguments_json(messages: list[dict]) -> None:
@@ -113,12 +111,13 @@ def _arguments_text(messages: list[dict]) -> None:
 def redact_fields(fields: dict[str, Any], redactor: Redactor) -> tuple[dict[str, Any], Counter]:
     """Redact every string of a normalised record; returns it with per-detector counts."""
     _arguments_json(fields["messages"])
-    s = _Scrubber(redactor)
-    for text in s.strings(fields):
-        s.table.reserve(text)
-    out = s.scrub(fields)
+    texts: list[str] = []
+    _collect(fields, texts)
+    table = Placeholders()
+    # One call per trace: the detectors reserve existing placeholders and scan all strings together.
+    out = _rebuild(fields, iter(redactor.redact_many(texts, table)))
     _arguments_text(out["messages"])
-    return out, s.table.counts
+    return out, table.counts
 
 
 def eligibility(fields: dict[str, Any], params: RedactParams) -> list[str]:

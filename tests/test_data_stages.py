@@ -269,3 +269,17 @@ def test_outputs_are_byte_identical_across_runs(tmp_path, key):
     fa = {p.relative_to(tmp_path / "a"): p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file()}
     fb = {p.relative_to(tmp_path / "b"): p.read_bytes() for p in (tmp_path / "b").rglob("*") if p.is_file()}
     assert fa == fb
+
+
+def test_structural_keys_do_not_shield_values(tmp_path, key):
+    args = {"id": "jane.doe@acme-corp.com", "role": "+44 20 7946 0958", "type": {"name": "AKIAIOSFODNN7EXAMPLE"}}
+    raw = write_snapshot(tmp_path / "raw", {"traces/a.jsonl": [{"messages": [
+        {"role": "user", "content": "look up"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "crm_lookup", "arguments": json.dumps(args)}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "{}"},
+        {"role": "assistant", "content": "done"}]}]})
+    run_all(raw, tmp_path / "w", key)
+    blob = all_output_bytes(tmp_path / "w")
+    for v in ("jane.doe@acme-corp.com", "7946 0958", "AKIAIOSFODNN7EXAMPLE"):
+        assert v.encode() not in blob
