@@ -1,0 +1,1 @@
+"""Benchmark harness for the data stages (`make bench`); see bench/README.md."""

@@ -1,0 +1,86 @@
+"""The benchmark harness end to end at a tiny N: structure of results.json, positive figures."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("redact", "export", "build_dataset")
+FIGURES = ("traces_per_s", "mb_per_s", "peak_rss_mb")
+
+
+def test_corpus_is_seeded_streamed_and_in_every_accepted_shape(tmp_path):
+    from bench.corpus import SHAPES, generate
+    from stages.readers import ParseError, normalize, parse_line
+
+    a = generate(tmp_path / "a", 400, seed=3)
+    b = generate(tmp_path / "b", 400, seed=3)
+    assert a["files"] == b["files"] and a["bytes"] == b["bytes"]
+    for rel in a["files"]:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+    assert {rel.split("/")[0] for rel in a["files"]} == {"approved-runs", "traces", "synthetic", "adversarial"}
+    formats, bad = set(), 0
+    for rel in a["files"]:
+        for line in (tmp_path / "a" / rel).read_bytes().splitlines():
+            try:
+                formats.add(normalize(parse_line(line))["format"])
+            except ParseError:
+                bad += 1
+    assert formats >= {"approved_run", "openai", "openclaw_messages", "openclaw_conversation", "openclaw_pair", "sharegpt"}
+    assert bad == a["malformed"]
+    assert sum(a["by_shape"].values()) == 400 and set(a["by_shape"]) == set(SHAPES)
+    assert 0 < a["secrets"] < 60 and 500 < a["mean_bytes"] < 3000
+
+
+def test_stage_commands_follow_dvc_yaml(tmp_path):
+    from bench.run import stage_commands
+
+    cmds = stage_commands(tmp_path)
+    for name in STAGES:
+        cmd = cmds[name]
+        assert cmd[0] == sys.executable and cmd[1:3] == ["-m", f"stages.{name}"]
+        paths = [w for w in cmd[3:] if not w.startswith("--")]
+        assert paths and all(w.startswith(str(tmp_path)) for w in paths), cmd
+    assert str(tmp_path / "raw") in cmds["redact"]
+
+
+def test_smoke_run_writes_results_with_the_agreed_structure(tmp_path):
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--n", "300", "--work", str(tmp_path / "work"), "--out", str(out), "--no-extras"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "redact" in proc.stdout and "naive" in proc.stdout  # the printed table
+    text = out.read_text()
+    res = json.loads(text)
+    assert text == orjson.dumps(res, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2).decode() + "\n"  # sorted keys
+    assert res["n"] == 300
+    assert set(res["stages"]) == set(STAGES)
+    for name in STAGES:
+        st = res["stages"][name]
+        for k in (*FIGURES, "ratio_to_floor", "speedup_vs_naive"):
+            assert isinstance(st[k], (int, float)) and st[k] > 0, (name, k, st.get(k))
+    for ref in ("floor", "naive"):
+        for k in FIGURES:
+            assert res[ref][k] > 0, (ref, k)
+    assert res["pipeline"]["traces_per_s"] > 0 and res["pipeline"]["speedup_vs_naive"] > 0
+    assert res["stages"]["redact"]["counts"]["records"] == 300
+    assert res["near_dedup"].get("rows", 0) > 0 or "skipped" in res["near_dedup"]
+    assert res["extras"]["noop_repro"] == {"skipped": "--no-extras"}
+    # Bulky reference outputs are not left behind; the stage outputs are, for inspection.
+    work = tmp_path / "work"
+    assert not (work / "floor").exists() and not (work / "naive").exists()
+    assert (work / "data" / "build_dataset" / "dataset_manifest.json").is_file()
+
+
+def test_refuses_to_clear_a_folder_it_did_not_make(tmp_path):
+    (tmp_path / "keep.txt").write_text("precious")
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--n", "5", "--work", str(tmp_path), "--out",
+                           str(tmp_path / "r.json"), "--no-extras", "--no-naive"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "refusing" in proc.stderr
+    assert (tmp_path / "keep.txt").read_text() == "precious"
