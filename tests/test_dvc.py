@@ -105,3 +105,23 @@ def test_two_repros_at_once_give_one_clear_lock_error(clone):
     assert "lock" in failed[0].lower(), failed[0]
     out = _run("dvc status redact export build_dataset", dest, env)
     assert "changed" not in out, out
+
+
+def test_gate_only_experiment_never_retrains(clone):
+    """`dvc exp run -S gate.*` reruns the gate alone: train and eval are not in its deps."""
+    dest, env = clone
+    p = dest / "params.yaml"
+    params = yaml.safe_load(p.read_text())
+    # A tiny model half so the test stays fast; the behaviour under test is DVC's, not the model's.
+    params["train"].update(max_steps=4, eval_steps=2)
+    params["train"]["embedded"].update(pretrain_epochs=1)
+    params["eval"].update(max_examples=8, bootstrap_samples=100)
+    p.write_text(yaml.safe_dump(params, sort_keys=False))
+    _run("dvc repro", dest, env)
+    _run("git add -A && git -c user.email=t@t -c user.name=t commit -qm tiny", dest, env)
+    out = _run("dvc exp run -S gate.min_delta_exact_match=0.3", dest, env)
+    assert "Running stage 'gate'" in out, out
+    for stage in ("redact", "export", "build_dataset", "train", "eval"):
+        assert f"Running stage '{stage}'" not in out, out
+    shown = _run("dvc exp show --no-pager --csv", dest, env)
+    assert "0.3" in shown
