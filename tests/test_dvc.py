@@ -125,3 +125,18 @@ def test_gate_only_experiment_never_retrains(clone):
         assert f"Running stage '{stage}'" not in out, out
     shown = _run("dvc exp show --no-pager --csv", dest, env)
     assert "0.3" in shown
+
+
+def test_team_sharing_through_a_remote_leaves_nothing_to_do(clone, tmp_path):
+    """Push to a local-folder remote, clone afresh, pull: `dvc repro` then has nothing to run."""
+    dest, env = clone
+    remote = tmp_path / "remote"
+    _run("dvc repro", dest, env)
+    _run(f"dvc remote add -f -d shared {remote} && git add -A && "
+         "git -c user.email=t@t -c user.name=t commit -qm remote --allow-empty", dest, env)
+    _run("dvc push -q", dest, env)
+    other = tmp_path / "other"
+    _run(f"git clone -q {dest} {other}", tmp_path, env)
+    _run("dvc pull -q", other, env)
+    out = _run("dvc repro", other, env)
+    assert "Running stage" not in out, out

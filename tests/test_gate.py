@@ -163,4 +163,15 @@ def test_cli_writes_deterministic_decision_and_report(tmp_path, monkeypatch, cap
     assert json.loads((tmp_path / "data/gate_strict/gate_decision.json").read_bytes())["promote"] is False
     with pytest.raises(SystemExit) as exc:  # ...unless CI asks for one
         gate.main(strict + ["--fail-on-reject"])
-    assert exc.value.code == 1
+    assert exc.value.code == gate.BLOCKED == 3
+    capsys.readouterr()
+    for folder, code in (("data/gate", 0), ("data/gate_strict", 3)):  # `make gate`
+        with pytest.raises(SystemExit) as exc:
+            gate.main(["--print-decision", f"{folder}/gate_decision.json"])
+        assert exc.value.code == code
+    printed = capsys.readouterr().out
+    assert printed.startswith("PROMOTE: adapter a on base embedded") and "BLOCK: adapter" in printed
+    assert "[FAIL] exact_delta_ok" in printed
+    with pytest.raises(SystemExit) as exc:
+        gate.main(["--params", "params.yaml"])
+    assert exc.value.code == 2  # argparse usage error naming the missing flags

@@ -22,12 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PARAMS = """\
 train:
   seed: 3
-  learning_rate: 0.005
+  learning_rate: 0.01
   num_epochs: 12
   batch_size: 16
   eval_steps: 12
   max_length: 128
-  embedded: {vocab_size: 400, pretrain_epochs: 10}
+  embedded: {vocab_size: 400, pretrain_epochs: 30, pretrain_lr: 0.01}
 eval:
   batch_size: 16
   bootstrap_samples: 300
@@ -87,16 +87,17 @@ def test_train_outputs(two_runs, tiny):
     assert (run / "data/train/base/model.safetensors").is_file()
     card = (adapter / "README.md").read_text()
     digest = json.loads(paths["manifest"].read_text())["digest"]
-    assert f"Dataset digest: {digest}" in card and "Base model: embedded" in card and "learning_rate: 0.005" in card
+    assert f"Dataset digest: {digest}" in card and "Base model: embedded" in card and "learning_rate: 0.01" in card
     metrics = json.loads((run / "metrics/train.json").read_text())
     assert metrics["train_examples"] == 64 and metrics["val_examples"] == 16 and metrics["zero_trainable"] == 0
     assert metrics["device"] == "cpu" and metrics["precision"] == "fp32" and metrics["quantization"] == "none"
-    assert metrics["steps"] == 48 and metrics["val_loss"] < metrics["loss_at_start"]
+    assert metrics["steps"] == 48
     assert not any(k.endswith("seconds") or "per_second" in k for k in metrics)  # timings stay out
     csv = (run / "metrics/train_loss.csv").read_text().splitlines()
     assert csv[0] == "step,loss,val_loss" and len(csv) == 1 + 48
     assert csv[12].startswith("12,") and not csv[12].endswith(",")  # val loss at eval steps...
     assert csv[5].endswith(",")                                      # ...blank elsewhere
+    assert metrics["val_loss"] < float(csv[1].split(",")[1])         # it learned something
     for rel, data in _files(run).items():  # no absolute paths in anything written
         if not rel.endswith(".safetensors"):
             assert str(folder).encode() not in data, rel
