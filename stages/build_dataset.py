@@ -157,8 +157,11 @@ def build(traces_path: Path, rejects_path: Path, export_dir: Path, out_dir: Path
     exact: dict[str, str] = {}
     eval_rows: list[dict] = []
     stats = Counter()
+    files: dict[str, dict[str, Any]] = {}
     for t in read_jsonl(traces_path):
         stats["traces"] += 1
+        f = files.setdefault(t["source_file"], {"bucket": t["bucket"], "traces": 0})
+        f["traces"] += 1
         stats["rows_with_redactions"] += bool(t["redactions"])
         stats["redactions_applied"] += sum(t["redactions"].values())
         if not t["trainable"]:
@@ -290,7 +293,8 @@ def build(traces_path: Path, rejects_path: Path, export_dir: Path, out_dir: Path
         raise RuntimeError(f"accounting broken: {acc}")
     return {"accounting": acc, "fates": fates, "filtered": filtered, "ineligible": ineligible, "stats": stats,
             "buckets": bucket_report, "digests": digests, "rescan": rescan, "lengths": lengths,
-            "workflows": workflows, "outcomes": outcomes, "n_eval": len(eval_rows)}
+            "workflows": workflows, "outcomes": outcomes, "n_eval": len(eval_rows),
+            "files": dict(sorted(files.items()))}
 
 
 def _rescan(row: dict, redactor: Redactor, canaries: Canaries) -> Counter:
@@ -320,8 +324,11 @@ def _percentiles(xs: list[int]) -> dict[str, float]:
             "p99": float(np.percentile(a, 99)), "max": float(a.max())}
 
 
-def manifest(res: dict, params: BuildDatasetParams, input_digests: dict[str, str], source_files: dict[str, list[str]]) -> dict:
+def manifest(res: dict, params: BuildDatasetParams, input_digests: dict[str, str]) -> dict:
     f, st = res["fates"], res["stats"]
+    source_files: dict[str, list[str]] = {}
+    for name, info in res["files"].items():
+        source_files.setdefault(info["bucket"], []).append(name)
     selected = f["train"] + f["val"]
     real_files = source_files.get("real", [])
     rescan_hits = sum(res["rescan"].values())
@@ -353,6 +360,7 @@ def manifest(res: dict, params: BuildDatasetParams, input_digests: dict[str, str
         accounting=res["accounting"],
         rescan={"findings": rescan_hits, "by_detector": dict(sorted(res["rescan"].items()))},
         split_digests=res["digests"],
+        traces_by_file={k: v["traces"] for k, v in res["files"].items()},
     )
     return m.model_dump(mode="json")
 
@@ -363,13 +371,6 @@ def file_digest(path: Path) -> str:
         while chunk := fh.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
-
-
-def source_files(traces_path: Path) -> dict[str, list[str]]:
-    out: dict[str, set[str]] = {}
-    for t in read_jsonl(traces_path):
-        out.setdefault(t["bucket"], set()).add(t["source_file"])
-    return {k: sorted(v) for k, v in out.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -389,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
                 Canaries(rp.canaries, rp.canary_sha256))
     inputs = {"traces": args.traces, "rejects": args.rejects,
               "training_examples": args.export / "training-examples.jsonl", "eval_cases": args.export / "eval-cases.jsonl"}
-    man = manifest(res, params, {k: file_digest(p) for k, p in inputs.items()}, source_files(args.traces))
+    man = manifest(res, params, {k: file_digest(p) for k, p in inputs.items()})
     write_json(args.manifest, man)
     b, acc = man["build"], man["accounting"]
     print(f"build_dataset: {acc['raw_records']} records -> train {b['train_examples']}, val {b['val_examples']}, "

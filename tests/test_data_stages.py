@@ -84,7 +84,7 @@ def run_all(raw: Path, work: Path, key: bytes, rp=None, ep=None, bp=None) -> dic
     red = Redactor(ip_public_only=rp.ip_public_only)
     res = build_dataset.build(work / "redact/traces.jsonl", work / "redact/rejects.jsonl", work / "export",
                               work / "build_dataset", bp, red)
-    man = build_dataset.manifest(res, bp, {}, build_dataset.source_files(work / "redact/traces.jsonl"))
+    man = build_dataset.manifest(res, bp, {})
     return {"redact": m_r, "export": m_e, "manifest": man}
 
 
@@ -244,12 +244,13 @@ def test_split_is_stable_when_traces_are_added(tmp_path, key):
     raw = tmp_path / "raw"
     shutil.copytree(Path(__file__).parents[1] / "examples/snapshot", raw)
     bp = BuildDatasetParams(min_examples=0)
-    run_all(raw, tmp_path / "a", key, bp=bp)
+    assert "traces/day2.jsonl" not in run_all(raw, tmp_path / "a", key, bp=bp)["manifest"]["traces_by_file"]
     write_snapshot(raw, {"traces/day2.jsonl": [
         {"domain": "saas", "workflow": "ticket_triage", "created_at": "2026-12-01T00:00:00Z",
          "messages": [{"role": "user", "content": f"New day ticket {i}: the quarterly widget {i} export is broken in region {i * 7}"},
                       {"role": "assistant", "content": "category=bug; priority=medium"}]} for i in range(40)]})
-    run_all(raw, tmp_path / "b", key, bp=bp)
+    before = run_all(raw, tmp_path / "b", key, bp=bp)["manifest"]
+    assert before["traces_by_file"]["traces/day2.jsonl"] == 40, "the manifest says what was added"
 
     def split_of(d):
         return {r["id"]: s for s in ("train", "val") for r in read_jsonl(d / f"build_dataset/{s}.jsonl")}
