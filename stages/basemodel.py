@@ -86,34 +86,50 @@ def build_tokenizer(texts: Sequence[str], vocab_size: int, model_max_length: int
     return hf
 
 
-def shuffled_answers(rows: Sequence[dict], rng: random.Random) -> list[dict]:
-    """Copies of the rows whose final answers are permuted within each workflow.
-
-    The permutation is a derangement where the workflow has two or more distinct answers, so no row keeps its own
-    answer by construction (it may still get an equal one by chance, which is what chance level means).
-    """
+def answer_donors(workflows: Sequence[str], rng: random.Random) -> list[int]:
+    """For each row, the row whose answer it gets: a random cycle within each workflow, so that no row keeps its
+    own answer (a workflow of one row keeps it: there is nothing to swap). A row may still get an *equal* answer by
+    chance, which is what chance level means."""
     by_wf: dict[str, list[int]] = defaultdict(list)
-    for i, row in enumerate(rows):
-        by_wf[str(row.get("workflow", ""))].append(i)
-    out = [dict(row) for row in rows]
+    for i, wf in enumerate(workflows):
+        by_wf[str(wf)].append(i)
+    donors = list(range(len(workflows)))
     for wf in sorted(by_wf):
         order = by_wf[wf][:]
         rng.shuffle(order)
-        # a random cycle: each row takes the answer of the next one, so nobody keeps its own
-        mapping = {order[k]: order[(k + 1) % len(order)] for k in range(len(order))}
-        for i in order:
-            msgs = list(rows[i]["messages"])
-            msgs[-1] = rows[mapping[i]]["messages"][-1]
-            out[i]["messages"] = msgs
+        for k, i in enumerate(order):
+            donors[i] = order[(k + 1) % len(order)]
+    return donors
+
+
+def shuffled_answers(rows: Sequence[dict], rng: random.Random) -> list[dict]:
+    """Copies of the rows whose final answers are permuted within each workflow (see answer_donors)."""
+    donors = answer_donors([r.get("workflow", "") for r in rows], rng)
+    out = []
+    for row, d in zip(rows, donors):
+        out.append({**row, "messages": [*row["messages"][:-1], rows[d]["messages"][-1]]})
     return out
 
 
-def _encode_full(tokenizer, rows: Sequence[dict], max_length: int) -> list[list[int]]:
-    seqs = []
+def _split_encode(tokenizer, rows: Sequence[dict]) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """(prompt ids up to the final assistant header, prompt loss mask, final answer ids) per row.
+
+    The role tokens are special, so tokenization never merges across them: prompt[i] + answer[j] is exactly the
+    encoding of prompt i answered with answer j. The mask leaves out earlier assistant turns (tool calls): they
+    stay in context but are not trained on, since their arguments often carry the very labels of the answer.
+    """
+    prompts, masks, answers = [], [], []
     for row in rows:
-        ids = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"]
-        seqs.append(list(ids[:max_length]))
-    return seqs
+        full = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"]
+        head = tokenizer.apply_chat_template(row["messages"][:-1], tokenize=True, return_dict=True,
+                                             add_generation_prompt=True, return_assistant_tokens_mask=True)
+        ids = list(head["input_ids"])
+        if list(full[: len(ids)]) != ids:
+            raise RuntimeError("embedded chat template: the prompt is not a prefix of the conversation")
+        prompts.append(ids)
+        masks.append([0 if a else 1 for a in head["assistant_masks"]])
+        answers.append(list(full[len(ids):]))
+    return prompts, masks, answers
 
 
 def build_embedded_base(train_rows: Sequence[dict], cfg: EmbeddedBaseParams, seed: int, max_length: int,
@@ -152,6 +168,19 @@ def build_embedded_base(train_rows: Sequence[dict], cfg: EmbeddedBaseParams, see
     return model, tokenizer
 
 
+def _length_grouped_batches(lengths: Sequence[int], bs: int, gen) -> list[list[int]]:
+    """Random batches of similar length (less padding), in random order: shuffle, sort within groups of 8 batches."""
+    import torch
+
+    order = torch.randperm(len(lengths), generator=gen).tolist()
+    mega = bs * 8
+    batches = []
+    for start in range(0, len(order), mega):
+        group = sorted(order[start:start + mega], key=lambda i: -lengths[i])
+        batches += [group[k:k + bs] for k in range(0, len(group), bs)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+
+
 def _pretrain(model, tokenizer, rows, cfg: EmbeddedBaseParams, rng: random.Random, max_length: int, seed: int) -> None:
     import torch
 
@@ -165,19 +194,23 @@ def _pretrain(model, tokenizer, rows, cfg: EmbeddedBaseParams, rng: random.Rando
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))
     )
     pad = tokenizer.pad_token_id
+    prompts, masks, answers = _split_encode(tokenizer, rows)
+    workflows = [r.get("workflow", "") for r in rows]
     model.train()
-    for _epoch in range(cfg.pretrain_epochs):
-        seqs = _encode_full(tokenizer, shuffled_answers(rows, rng), max_length)
-        order = torch.randperm(len(seqs), generator=gen).tolist()
-        for start in range(0, len(order), bs):
-            batch = [seqs[i] for i in order[start:start + bs]]
-            width = max(len(s) for s in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            att = torch.zeros((len(batch), width), dtype=torch.long)
-            for j, s in enumerate(batch):
-                ids[j, : len(s)] = torch.tensor(s)
-                att[j, : len(s)] = 1
-            labels = ids.masked_fill(att == 0, -100)
+    for _epoch in range(cfg.pretrain_epochs):  # a fresh permutation every epoch: no pairing can be memorised
+        donors = answer_donors(workflows, rng)
+        seqs = [(prompts[i] + answers[d])[:max_length] for i, d in enumerate(donors)]
+        keep = [(masks[i] + [1] * len(answers[d]))[:max_length] for i, d in enumerate(donors)]
+        for batch_idx in _length_grouped_batches([len(s) for s in seqs], bs, gen):
+            width = max(len(seqs[i]) for i in batch_idx)
+            ids = torch.full((len(batch_idx), width), pad, dtype=torch.long)
+            labels = torch.full((len(batch_idx), width), -100, dtype=torch.long)
+            att = torch.zeros((len(batch_idx), width), dtype=torch.long)
+            for j, i in enumerate(batch_idx):
+                n = len(seqs[i])
+                ids[j, :n] = torch.tensor(seqs[i])
+                att[j, :n] = 1
+                labels[j, :n] = torch.tensor([t if k else -100 for t, k in zip(seqs[i], keep[i])])
             loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

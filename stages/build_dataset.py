@@ -11,7 +11,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 import xxhash
@@ -21,7 +21,7 @@ from schemas.params import BuildDatasetParams, RedactParams
 from schemas.records import DatasetManifest, SplitRow
 from stages.core import atomic_open, content_id, dumps, load_params, read_jsonl, unit_hash, write_json
 from stages.detectors import Redactor
-from stages.leaks import Canaries, scan_text
+from stages.leaks import Canaries, scan_text, strings
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -299,21 +299,9 @@ def build(traces_path: Path, rejects_path: Path, export_dir: Path, out_dir: Path
 
 def _rescan(row: dict, redactor: Redactor, canaries: Canaries) -> Counter:
     found: Counter = Counter()
-    for s in _strings(row):
+    for s in strings(row):
         found.update(scan_text(s, redactor, canaries))
     return found
-
-
-def _strings(obj: Any) -> Iterator[str]:
-    if isinstance(obj, str):
-        yield obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            if k not in ("id", "trace_id", "eval_case_id"):
-                yield from _strings(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from _strings(v)
 
 
 def _percentiles(xs: list[int]) -> dict[str, float]:

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 from schemas.training import EvalParams, EvalResults
 from stages import metrics as M
 from stages.core import content_id, load_params, read_json, read_jsonl, write_json, write_jsonl, write_text
+from stages.train import parse_tools
 
 MODELS = ("baseline", "adapter")
 
@@ -58,7 +59,8 @@ def load_cases(val_path: str | None, eval_path: str, include_val: bool, max_exam
                 "split": split,
                 "workflow": str(row.get("workflow") or "unknown"),
                 "prompt": prompt,
-                "prompt_digest": content_id(prompt),
+                "tools": parse_tools(row.get("tools")),
+                "prompt_digest": content_id({"messages": prompt, "tools": parse_tools(row.get("tools"))}),
                 "reference": reference_text(msgs[-1]),
                 "expected_behavior": list(row.get("expected_behavior") or []),
                 "forbidden_behavior": list(row.get("forbidden_behavior") or []),
@@ -115,17 +117,18 @@ def load_models(model_dir: Path):
     return model, tokenizer, info
 
 
-def generate(model, tokenizer, prompts: Sequence[list[dict]], batch_size: int, max_new_tokens: int,
-             max_prompt_tokens: int, desc: str) -> tuple[list[str], int]:
-    """Greedy completions in input order; returns (texts, prompts truncated to their last max_prompt_tokens)."""
+def generate(model, tokenizer, prompts: Sequence[tuple[list[dict], list | None]], batch_size: int,
+             max_new_tokens: int, max_prompt_tokens: int, desc: str) -> tuple[list[str], int]:
+    """Greedy completions in input order for (messages, tools) prompts; returns (texts, prompts truncated to their
+    last max_prompt_tokens)."""
     import torch
     from tqdm import tqdm
     from transformers import GenerationConfig
 
     encoded, truncated = [], 0
-    for p in prompts:
-        ids = list(tokenizer.apply_chat_template(p, tokenize=True, add_generation_prompt=True, return_dict=True)
-                   ["input_ids"])
+    for messages, tools in prompts:
+        ids = list(tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, add_generation_prompt=True,
+                                                 return_dict=True)["input_ids"])
         if len(ids) > max_prompt_tokens:
             ids, truncated = ids[-max_prompt_tokens:], truncated + 1
         encoded.append(ids)
@@ -242,11 +245,13 @@ def main(argv: list[str] | None = None) -> None:
 
         transformers.logging.set_verbosity_error()
         torch.manual_seed(params.seed)
+        if params.cpu_threads and not torch.cuda.is_available():
+            torch.set_num_threads(params.cpu_threads)
         cases = load_cases(a.val, a.eval, params.include_val, params.max_examples)
         if not cases:
             raise SystemExit("eval: no held-out cases")
         model, tokenizer, info = load_models(model_dir)
-        prompts = [c["prompt"] for c in cases]
+        prompts = [(c["prompt"], c["tools"]) for c in cases]
         preds = {}
         with model.disable_adapter():
             preds["baseline"], truncated = generate(model, tokenizer, prompts, params.batch_size,

@@ -167,14 +167,34 @@ def _rel(path: str) -> str:
     return Path(os.path.relpath(path)).as_posix()
 
 
+BLOCKED = 3  # exit status of --print-decision / --fail-on-reject when the adapter is not promoted
+
+
+def print_decision(path: str) -> int:
+    """Print a stored decision; 0 when it promotes, 3 when it blocks (for `make gate` and CI)."""
+    d = GateDecision.model_validate(read_json(path))
+    print(f"{'PROMOTE' if d.promote else 'BLOCK'}: adapter {d.adapter_digest} on base {d.base_model.name} "
+          f"({d.timestamp_utc})")
+    for name, detail in d.check_details.items():
+        print(f"  [{'pass' if detail.passed else 'FAIL'}] {name}: {detail.reason}")
+    return 0 if d.promote else BLOCKED
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m stages.gate", description=__doc__.split("\n")[0])
-    ap.add_argument("--params", required=True)
-    ap.add_argument("--eval-results", required=True)
-    ap.add_argument("--manifest", required=True)
-    ap.add_argument("--out", required=True, help="folder for gate_decision.json and gate.md")
-    ap.add_argument("--fail-on-reject", action="store_true", help="exit 1 when the adapter is not promoted (for CI)")
+    ap.add_argument("--params")
+    ap.add_argument("--eval-results")
+    ap.add_argument("--manifest")
+    ap.add_argument("--out", help="folder for gate_decision.json and gate.md")
+    ap.add_argument("--fail-on-reject", action="store_true", help=f"exit {BLOCKED} when the adapter is not promoted")
+    ap.add_argument("--print-decision", metavar="GATE_DECISION_JSON",
+                    help=f"only print a stored decision; exit 0 on promote, {BLOCKED} on block")
     a = ap.parse_args(argv)
+    if a.print_decision:
+        sys.exit(print_decision(a.print_decision))
+    missing = [f"--{k.replace('_', '-')}" for k in ("params", "eval_results", "manifest", "out") if not getattr(a, k)]
+    if missing:
+        ap.error(f"the stage needs {', '.join(missing)}")
     params = load_params(a.params, "gate", GateParams)
     res = EvalResults.model_validate(read_json(a.eval_results))
     manifest = read_json(a.manifest)
@@ -191,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{_fmt(res.delta.get('exact_match'))}, {len(decision.checks) - len(failed)}/{len(decision.checks)} checks "
           f"pass{'' if not failed else '; failed: ' + ', '.join(failed)}) -> {out}/gate_decision.json")
     if a.fail_on_reject and not decision.promote:
-        sys.exit(1)
+        sys.exit(BLOCKED)
 
 
 if __name__ == "__main__":

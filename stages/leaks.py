@@ -47,16 +47,17 @@ class Canaries:
         return False
 
 
-def _strings(obj: Any) -> Iterator[str]:
+def strings(obj: Any) -> Iterator[str]:
+    """Every string of a JSON value, dict keys included."""
     if isinstance(obj, str):
         yield obj
     elif isinstance(obj, dict):
         for k, v in obj.items():
             yield k
-            yield from _strings(v)
+            yield from strings(v)
     elif isinstance(obj, list):
         for v in obj:
-            yield from _strings(v)
+            yield from strings(v)
 
 
 def scan_text(text: str, redactor: Redactor, canaries: Canaries) -> set[str]:
@@ -75,7 +76,7 @@ def scan_file(path: Path, name: str, redactor: Redactor, canaries: Canaries) -> 
             pieces: Iterable[str] = [text]
             if path.suffix == ".jsonl":
                 try:
-                    pieces = list(_strings(orjson.loads(raw)))
+                    pieces = list(strings(orjson.loads(raw)))
                 except orjson.JSONDecodeError:
                     pass
             found: set[str] = set()
@@ -85,7 +86,7 @@ def scan_file(path: Path, name: str, redactor: Redactor, canaries: Canaries) -> 
     if path.suffix == ".json":  # pretty-printed JSON: also check decoded strings, reported at line 0
         try:
             found = set()
-            for s in _strings(orjson.loads(path.read_bytes())):
+            for s in strings(orjson.loads(path.read_bytes())):
                 found |= scan_text(s, redactor, canaries)
             hits += [Hit(name, 0, d) for d in sorted(found) if not any(h.detector == d for h in hits)]
         except orjson.JSONDecodeError:
