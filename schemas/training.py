@@ -14,8 +14,8 @@ class _Params(BaseModel):
 
 
 class LoraParams(_Params):
-    r: int = Field(8, ge=1)
-    alpha: int = Field(16, ge=1)
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="'all-linear' (every linear layer but the LM head) or module names"
@@ -25,13 +25,13 @@ class LoraParams(_Params):
 class EmbeddedBaseParams(_Params):
     """The tiny Llama built locally when train.base_model is 'embedded' (see stages/basemodel.py)."""
 
-    vocab_size: int = Field(1024, ge=300, description="byte-level BPE vocabulary trained on the train split")
-    hidden_size: int = Field(64, ge=8)
-    intermediate_size: int = Field(192, ge=8)
+    vocab_size: int = Field(2048, ge=300, description="byte-level BPE vocabulary trained on the train split")
+    hidden_size: int = Field(96, ge=8)
+    intermediate_size: int = Field(256, ge=8)
     num_layers: int = Field(2, ge=1)
     num_heads: int = Field(4, ge=1)
-    pretrain_epochs: int = Field(12, ge=0, description="epochs over train prompts paired with shuffled answers")
-    pretrain_lr: float = Field(3e-3, gt=0)
+    pretrain_epochs: int = Field(10, ge=0, description="epochs over train prompts paired with shuffled answers")
+    pretrain_lr: float = Field(6e-3, gt=0)
     pretrain_batch_size: int = Field(16, ge=1)
 
     @model_validator(mode="after")
@@ -49,8 +49,11 @@ class TrainParams(_Params):
         "auto", description="auto: QLoRA 4-bit NF4 on CUDA with bitsandbytes, else full-precision LoRA"
     )
     seed: int = 42
-    learning_rate: float = Field(3e-3, gt=0)
-    num_epochs: float = Field(10.0, gt=0)
+    cpu_threads: int = Field(
+        0, ge=0, description="torch threads on CPU, 0: one per core. On a busy shared machine set 1: oversubscribed "
+        "threads spin and a step can get 3x slower. CPU results are byte-reproducible for a given thread count")
+    learning_rate: float = Field(1e-2, gt=0)
+    num_epochs: float = Field(16.0, gt=0)
     max_steps: int = Field(-1, description="> 0 overrides num_epochs")
     batch_size: int = Field(16, ge=1, description="per device")
     grad_accum: int = Field(1, ge=1)
@@ -98,6 +101,7 @@ class EvalParams(_Params):
     collapse_whitespace: bool = True
     strip_punctuation: bool = Field(True, description="punctuation counts as a space when comparing answers")
     stopwords: list[str] | None = Field(None, description="None: the built-in English list in stages/metrics.py")
+    cpu_threads: int = Field(0, ge=0, description="torch threads on CPU (0: one per core)")
     bootstrap_samples: int = Field(2000, ge=100)
     confidence: float = Field(0.95, gt=0.5, lt=1)
     seed: int = 0

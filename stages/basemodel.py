@@ -8,8 +8,8 @@ It exists so that the whole flywheel runs end to end on a laptop CPU in minutes,
   (which labels, which JSON keys, how a refusal reads) but never which answer goes with which prompt. It scores at
   chance on held-out cases; the LoRA adapter has to learn the mapping itself.
 
-It is not a language model you would deploy: about 0.15M parameters, a vocabulary fitted to one dataset, no
-knowledge beyond it. Point train.base_model at a real model (hub id or local folder) for real use.
+It is not a language model you would deploy: about 0.4M parameters with the default params (2 layers, hidden 96,
+a 2,048-token vocabulary fitted to one dataset), no knowledge beyond its train split. Point train.base_model at a real model (hub id or local folder) for real use.
 """
 from __future__ import annotations
 

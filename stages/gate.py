@@ -74,7 +74,7 @@ def _regression_check(res: EvalResults, params: GateParams) -> dict:
         return _detail(None, params.max_workflow_regression, True, "no workflow has enough cases to gate" + note)
     ok = worst <= params.max_workflow_regression + EPS
     if worst <= 0:
-        reason = f"no workflow regressed (smallest exact-match gain {-worst:+.3f}, in {worst_wf})"
+        reason = f"no workflow regressed (smallest exact-match gain {0.0 - worst + 0.0:+.3f}, in {worst_wf})"
     else:
         reason = (f"largest exact-match drop {worst:.3f} (in {worst_wf}) {'<=' if ok else '>'} "
                   f"{params.max_workflow_regression}")

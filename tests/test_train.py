@@ -27,7 +27,8 @@ train:
   batch_size: 16
   eval_steps: 12
   max_length: 128
-  embedded: {vocab_size: 400, pretrain_epochs: 30, pretrain_lr: 0.01}
+  lora: {r: 8, alpha: 16}
+  embedded: {vocab_size: 400, hidden_size: 64, intermediate_size: 192, pretrain_epochs: 30, pretrain_lr: 0.01}
 eval:
   batch_size: 16
   bootstrap_samples: 300
@@ -93,11 +94,14 @@ def test_train_outputs(two_runs, tiny):
     assert metrics["device"] == "cpu" and metrics["precision"] == "fp32" and metrics["quantization"] == "none"
     assert metrics["steps"] == 48
     assert not any(k.endswith("seconds") or "per_second" in k for k in metrics)  # timings stay out
-    csv = (run / "metrics/train_loss.csv").read_text().splitlines()
-    assert csv[0] == "step,loss,val_loss" and len(csv) == 1 + 48
-    assert csv[12].startswith("12,") and not csv[12].endswith(",")  # val loss at eval steps...
-    assert csv[5].endswith(",")                                      # ...blank elsewhere
-    assert metrics["val_loss"] < float(csv[1].split(",")[1])         # it learned something
+    lines = (run / "metrics/train_loss.csv").read_text().splitlines()
+    assert lines[0] == "step,loss,val_loss"
+    rows = {int(step): (loss, val) for step, loss, val in (line.split(",") for line in lines[1:])}
+    assert sorted(rows) == list(range(49))                 # step 0 (the base's val loss), then every step
+    assert rows[0][0] == "" and rows[0][1] != ""           # val loss of the base before any update
+    assert rows[12][1] != "" and rows[5][1] == ""          # val loss at eval steps, blank elsewhere
+    assert metrics["base_val_loss"] == float(rows[0][1])
+    assert metrics["val_loss"] < metrics["base_val_loss"]  # the adapter learned something
     for rel, data in _files(run).items():  # no absolute paths in anything written
         if not rel.endswith(".safetensors"):
             assert str(folder).encode() not in data, rel
