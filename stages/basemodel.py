@@ -4,12 +4,14 @@ It exists so that the whole flywheel runs end to end on a laptop CPU in minutes,
 
 - the byte-level BPE tokenizer is trained on the train split's text only (never val or eval);
 - the model is pre-trained on the train split's conversations with each final answer swapped for another answer of
-  the same workflow, reshuffled every epoch. It learns the language of the prompts and the format of the answers
+  the same workflow, reshuffled every epoch; earlier assistant turns (tool calls, whose arguments often carry the
+  labels) stay in context but out of the loss. It learns the language of the prompts and the format of the answers
   (which labels, which JSON keys, how a refusal reads) but never which answer goes with which prompt. It scores at
   chance on held-out cases; the LoRA adapter has to learn the mapping itself.
 
 It is not a language model you would deploy: about 0.4M parameters with the default params (2 layers, hidden 96,
-a 2,048-token vocabulary fitted to one dataset), no knowledge beyond its train split. Point train.base_model at a real model (hub id or local folder) for real use.
+a 2,048-token vocabulary fitted to one dataset) and no knowledge beyond its train split. Point train.base_model at
+a real model (hub id or local folder) for real use.
 """
 from __future__ import annotations
 
