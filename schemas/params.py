@@ -67,3 +67,13 @@ class BuildDatasetParams(_Params):
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"build_dataset.ratios must sum to 1, got {total}")
         return self
+
+
+class LeaksParams(_Params):
+    """The leak scan over every artifact; its detectors and canaries are redact's (params `redact`)."""
+
+    workers: int = Field(0, ge=0, description="processes for the scan; 0 = one per core")
+    max_hits_listed: int = Field(1000, ge=0, description="hits beyond this are counted by file and detector, not listed")
+    ignore_detectors: list[str] = Field(
+        default_factory=list, description="detectors whose hits are reported but do not fail the scan (canary can't be)"
+    )

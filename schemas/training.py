@@ -121,6 +121,9 @@ class GateParams(_Params):
     min_eval_examples: int = Field(50, ge=0)
     require_min_example_ok: bool = True
     require_redaction_ok: bool = True
+    require_leak_scan_ok: bool = Field(
+        True, description="no detector or canary hit in any artifact (data/leaks/leak_report.json) or in the gate's own report"
+    )
 
 
 # ---- outputs ----------------------------------------------------------------------------------------------------

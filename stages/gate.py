@@ -1,7 +1,7 @@
 """gate: decide whether the adapter is promoted, from eval_results.json, the dataset manifest and gate.* params only.
 
     python -m stages.gate --params params.yaml --eval-results data/eval/eval_results.json \
-        --manifest data/build_dataset/dataset_manifest.json --out data/gate
+        --manifest data/build_dataset/dataset_manifest.json --leaks data/leaks/leak_report.json --out data/gate
 
 Nothing here loads a model, so `dvc exp run -S gate.min_delta_exact_match=0.3` reruns this stage alone.
 
@@ -22,11 +22,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from schemas.params import RedactParams
 from schemas.training import EvalResults, GateDecision, GateParams
 from stages.core import content_id, load_params, read_json, write_json, write_text
+from stages.leaks import Canaries, redactor_from, scan_text, strings
 
 EPS = 1e-9
-DATA_CHECKS = ("dataset_min_examples_ok", "dataset_redaction_ok")
+DATA_CHECKS = ("dataset_min_examples_ok", "dataset_redaction_ok", "leak_scan_ok")
 IMPROVEMENT_CHECKS = ("exact_delta_ok", "keyword_recall_delta_ok", "min_eval_examples_ok", "workflow_regression_ok",
                       "inputs_consistent_ok")
 
@@ -81,8 +83,31 @@ def _regression_check(res: EvalResults, params: GateParams) -> dict:
     return _detail(worst, params.max_workflow_regression, ok, reason + note)
 
 
+def _where(hits: list[dict], limit: int = 5) -> str:
+    shown = ", ".join(f"{h['file']}:{h['line']} ({h['detector']})" for h in hits[:limit])
+    return shown + (f" and {len(hits) - limit} more" if len(hits) > limit else "")
+
+
+def _leak_check(leaks: dict | None, self_hits: list[dict], required: bool) -> dict:
+    """Any detector or canary hit in an artifact, or in the gate's own report, blocks; the reason names
+    where (file, line, detector), never what."""
+    if leaks is None:
+        return _detail(None, 0, not required, "no leak report" + ("" if required else " (not required)"))
+    ignored = set(leaks.get("ignored_detectors") or [])
+    listed = [h for h in leaks.get("hits", []) if h["detector"] not in ignored] + self_hits
+    n = int(leaks.get("hits_failing", 0)) + len(self_hits)
+    if n == 0:
+        note = f" ({leaks['hits_total']} hits of ignored detectors)" if leaks.get("hits_total") else ""
+        return _detail(0, 0, True, f"no detector or canary hit in {leaks.get('files_scanned', 0)} artifacts{note}")
+    reason = f"{n} leak-scan hits: {_where(listed)}; see data/leaks/leak_report.json"
+    if not required:
+        return _detail(n, 0, True, "not required; " + reason)
+    return _detail(n, 0, False, reason)
+
+
 def decide(eval_results: EvalResults | dict, manifest: dict, params: GateParams, *, run_dir: str = "",
-           manifest_path: str = "", eval_path: str = "", input_digests: dict[str, str] | None = None) -> GateDecision:
+           manifest_path: str = "", eval_path: str = "", input_digests: dict[str, str] | None = None,
+           leaks: dict | None = None, self_hits: list[dict] | None = None) -> GateDecision:
     """The gate decision; pure (the paths and digests are only recorded)."""
     res = eval_results if isinstance(eval_results, EvalResults) else EvalResults.model_validate(eval_results)
     build = manifest.get("build") or {}
@@ -90,6 +115,7 @@ def decide(eval_results: EvalResults | dict, manifest: dict, params: GateParams,
     details = {
         "dataset_min_examples_ok": _flag_check(build, "min_example_ok", params.require_min_example_ok),
         "dataset_redaction_ok": _flag_check(build, "redaction_ok", params.require_redaction_ok),
+        "leak_scan_ok": _leak_check(leaks, self_hits or [], params.require_leak_scan_ok),
         "exact_delta_ok": _delta_check(res, "exact_match", params.min_delta_exact_match, params.require_ci_lower_bound),
         "keyword_recall_delta_ok": _delta_check(res, "keyword_recall", params.min_delta_keyword_recall,
                                                 params.require_ci_lower_bound),
@@ -163,6 +189,33 @@ def report(decision: GateDecision, res: EvalResults) -> str:
     return "\n".join(lines)
 
 
+def _withhold(obj: Any, hit: Any) -> Any:
+    """Replace every string the leak scan flags; the marker names the detector only."""
+    if isinstance(obj, str):
+        found = hit(obj)
+        return f"[withheld by the leak scan: {', '.join(sorted(found))}]" if found else obj
+    if isinstance(obj, dict):
+        return {(_withhold(k, hit) if isinstance(k, str) else k): _withhold(v, hit) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_withhold(v, hit) for v in obj]
+    return obj
+
+
+def self_scan(decision: dict, markdown: str, hit: Any, out_name: str) -> tuple[list[dict], dict, str]:
+    """The gate's own outputs go through the same scan before they are written. Returns the hits
+    (file, line, detector) and both outputs with any flagged string or line withheld."""
+    hits = []
+    for s in strings(decision):
+        hits += [{"file": f"{out_name}/gate_decision.json", "line": 0, "detector": d} for d in sorted(hit(s))]
+    lines = markdown.split("\n")
+    for i, line in enumerate(lines):
+        found = hit(line)
+        if found:
+            hits += [{"file": f"{out_name}/gate.md", "line": i + 1, "detector": d} for d in sorted(found)]
+            lines[i] = f"[line withheld by the leak scan: {', '.join(sorted(found))}]"
+    return sorted(hits, key=lambda h: (h["file"], h["line"], h["detector"])), _withhold(decision, hit), "\n".join(lines)
+
+
 def _rel(path: str) -> str:
     return Path(os.path.relpath(path)).as_posix()
 
@@ -185,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params")
     ap.add_argument("--eval-results")
     ap.add_argument("--manifest")
+    ap.add_argument("--leaks", help="leak_report.json of the leaks stage")
     ap.add_argument("--out", help="folder for gate_decision.json and gate.md")
     ap.add_argument("--fail-on-reject", action="store_true", help=f"exit {BLOCKED} when the adapter is not promoted")
     ap.add_argument("--print-decision", metavar="GATE_DECISION_JSON",
@@ -192,20 +246,34 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.print_decision:
         sys.exit(print_decision(a.print_decision))
-    missing = [f"--{k.replace('_', '-')}" for k in ("params", "eval_results", "manifest", "out") if not getattr(a, k)]
+    missing = [f"--{k.replace('_', '-')}" for k in ("params", "eval_results", "manifest", "leaks", "out")
+               if not getattr(a, k)]
     if missing:
         ap.error(f"the stage needs {', '.join(missing)}")
     params = load_params(a.params, "gate", GateParams)
     res = EvalResults.model_validate(read_json(a.eval_results))
     manifest = read_json(a.manifest)
+    leaks = read_json(a.leaks)
+    rp = load_params(a.params, "redact", RedactParams)
+    redactor, canaries = redactor_from(rp), Canaries(rp.canaries, rp.canary_sha256)
+
+    def hit(text: str) -> set[str]:
+        return scan_text(text, redactor, canaries)
+
     digests = {"eval_results": content_id(Path(a.eval_results).read_bytes()),
                "dataset_manifest": content_id(Path(a.manifest).read_bytes()),
+               "leak_report": content_id(Path(a.leaks).read_bytes()),
                "dataset": str(manifest.get("digest")), "predictions": res.predictions_digest}
-    decision = decide(res, manifest, params, run_dir=_rel(str(Path(a.out).parent)), manifest_path=_rel(a.manifest),
-                      eval_path=_rel(a.eval_results), input_digests=digests)
+    kw = dict(run_dir=_rel(str(Path(a.out).parent)), manifest_path=_rel(a.manifest), eval_path=_rel(a.eval_results),
+              input_digests=digests, leaks=leaks)
+    decision = decide(res, manifest, params, **kw)
     out = Path(a.out)
-    write_json(out / "gate_decision.json", decision.model_dump(mode="json", by_alias=True))
-    write_text(out / "gate.md", report(decision, res))
+    hits, _, _ = self_scan(decision.model_dump(mode="json", by_alias=True), report(decision, res), hit, _rel(a.out))
+    if hits:  # decide again so that the block and its reason are in the outputs, then withhold the flagged text
+        decision = decide(res, manifest, params, **kw, self_hits=hits)
+    _, dec_json, md = self_scan(decision.model_dump(mode="json", by_alias=True), report(decision, res), hit, _rel(a.out))
+    write_json(out / "gate_decision.json", dec_json)
+    write_text(out / "gate.md", md)
     failed = [k for k, v in decision.checks.items() if not v]
     print(f"gate: {'PROMOTE' if decision.promote else 'do not promote'} (exact-match delta "
           f"{_fmt(res.delta.get('exact_match'))}, {len(decision.checks) - len(failed)}/{len(decision.checks)} checks "

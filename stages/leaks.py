@@ -1,20 +1,31 @@
-"""The leak scan: every artifact the pipeline wrote, through redact's detectors plus team canaries.
+"""leaks: scan every artifact the pipeline wrote, through redact's detectors plus team canaries.
+
+    python -m stages.leaks --params params.yaml --out data/leaks --scan data/redact data/export ...
 
 A hit names the file, the line and the detector, never the value: the report itself must not leak.
 Canaries are strings a team declares must never appear anywhere (or their SHA-256, so that the
-params file needn't hold the secret itself).
+params file needn't hold the secret itself). They are tripwires, not redaction rules: redact does not
+look for them, so a canary that reaches an artifact proves that something slipped past the detectors.
+The gate blocks on any hit (data/leaks/leak_report.json -> gate_decision.json `leak_scan_ok`).
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
+import os
 import re
+import struct
+from collections import Counter
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import orjson
 
-from stages.detectors import Redactor
+from schemas.params import LeaksParams, RedactParams
+from stages.core import load_params, write_json
+from stages.detectors import DETECTORS, Redactor
 
 TEXT_SUFFIXES = (".json", ".jsonl", ".md", ".csv", ".txt", ".log", ".yaml", ".yml", ".jinja", ".tsv")
 # Tokens a canary hash is compared against: runs of the characters keys and ids are made of.
@@ -67,48 +78,188 @@ def scan_text(text: str, redactor: Redactor, canaries: Canaries) -> set[str]:
     return found
 
 
+def _line_hits(suffix: str, raw: bytes, redactor: Redactor, canaries: Canaries) -> list[str]:
+    """Detectors that fire on one physical line. JSON lines are decoded first, so an escaped value
+    (\n inside a PEM block, \u0040 for @) is seen as written; the raw text is scanned too, since a
+    detector may need the punctuation that decoding removes."""
+    text = raw.decode("utf-8", errors="replace")
+    found = scan_text(text, redactor, canaries)
+    if suffix == ".jsonl" and raw.strip():
+        try:
+            for piece in strings(orjson.loads(raw)):
+                found |= scan_text(piece, redactor, canaries)
+        except orjson.JSONDecodeError:
+            pass
+    return sorted(found)
+
+
+def _safetensors_header(path: Path) -> bytes | None:
+    """The JSON header of a safetensors file (names, shapes and `__metadata__`): text that can leak."""
+    try:
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            return fh.read(n) if 0 < n < 100_000_000 else None
+    except (OSError, struct.error):
+        return None
+
+
+def _whole_json(path: Path, redactor: Redactor, canaries: Canaries) -> set[str]:
+    """Pretty-printed JSON: every decoded string, for escapes that the line scan can't see."""
+    try:
+        obj = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError:
+        return set()
+    found: set[str] = set()
+    for piece in strings(obj):
+        found |= scan_text(piece, redactor, canaries)
+    return found
+
+
 def scan_file(path: Path, name: str, redactor: Redactor, canaries: Canaries) -> list[Hit]:
-    """JSON lines are decoded first, so an escaped value (\\n in a PEM block) is seen as written."""
     hits: list[Hit] = []
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
-            text = raw.decode("utf-8", errors="replace")
-            pieces: Iterable[str] = [text]
-            if path.suffix == ".jsonl":
-                try:
-                    pieces = list(strings(orjson.loads(raw)))
-                except orjson.JSONDecodeError:
-                    pass
-            found: set[str] = set()
-            for s in pieces:
-                found |= scan_text(s, redactor, canaries)
-            hits += [Hit(name, lineno, d) for d in sorted(found)]
-    if path.suffix == ".json":  # pretty-printed JSON: also check decoded strings, reported at line 0
-        try:
-            found = set()
-            for s in strings(orjson.loads(path.read_bytes())):
-                found |= scan_text(s, redactor, canaries)
-            hits += [Hit(name, 0, d) for d in sorted(found) if not any(h.detector == d for h in hits)]
-        except orjson.JSONDecodeError:
-            pass
+            hits += [Hit(name, lineno, d) for d in _line_hits(path.suffix, raw, redactor, canaries)]
+    if path.suffix == ".json":  # found only after decoding: reported at line 0
+        seen = {h.detector for h in hits}
+        hits += [Hit(name, 0, d) for d in sorted(_whole_json(path, redactor, canaries) - seen)]
     return hits
 
 
-def scan_paths(paths: Iterable[Path], redactor: Redactor, canaries: Canaries, root: Path | None = None) -> dict:
-    """Scan files and folders; returns {"files", "skipped", "hits": [...], "by_detector": {...}}."""
-    hits: list[Hit] = []
-    files = skipped = 0
+def _files(paths: Iterable[Path], root: Path | None) -> Iterator[tuple[Path, str]]:
     for p in paths:
         for f in sorted([p] if p.is_file() else (x for x in p.rglob("*") if x.is_file())):
-            name = (f.relative_to(root) if root and f.is_relative_to(root) else f).as_posix()
-            if f.suffix not in TEXT_SUFFIXES:
-                skipped += 1  # weights and other binaries: no text to leak through a report
-                continue
-            files += 1
-            hits += scan_file(f, name, redactor, canaries)
-    hits.sort()
-    by_det: dict[str, int] = {}
-    for h in hits:
-        by_det[h.detector] = by_det.get(h.detector, 0) + 1
-    return {"files": files, "skipped_binary": skipped, "hits": [h.__dict__ for h in hits],
+            yield f, (f.relative_to(root) if root and f.is_relative_to(root) else f).as_posix()
+
+
+# ---------------------------------------------------------------- parallel scan (the stage)
+_W: tuple[Redactor, Canaries] | None = None
+
+
+def _init(redactor: Redactor, canaries: Canaries) -> None:
+    global _W
+    _W = (redactor, canaries)
+
+
+def _work(batch: tuple[str, str, int, list[bytes]]) -> list[Hit]:
+    name, suffix, first, lines = batch
+    redactor, canaries = _W  # type: ignore[misc]
+    return [Hit(name, first + i, d) for i, raw in enumerate(lines)
+            for d in _line_hits(suffix, raw, redactor, canaries)]
+
+
+def _batches(files: list[tuple[Path, str]], stats: Counter, size: int = 512) -> Iterator[tuple[str, str, int, list[bytes]]]:
+    for path, name in files:
+        with open(path, "rb") as fh:
+            lines: list[bytes] = []
+            first = 1
+            for raw in fh:
+                stats["lines"] += 1
+                stats["bytes"] += len(raw)
+                lines.append(raw)
+                if len(lines) == size:
+                    yield name, path.suffix, first, lines
+                    first, lines = first + size, []
+            if lines:
+                yield name, path.suffix, first, lines
+
+
+def scan_paths(paths: Iterable[Path], redactor: Redactor, canaries: Canaries, root: Path | None = None,
+               workers: int = 1) -> dict:
+    """Scan files and folders; returns {"files", "skipped_binary", "hits": [...], "by_detector": {...}}.
+
+    Text files are scanned line by line (in `workers` processes), safetensors by their JSON header;
+    other binaries are counted as skipped. The result does not depend on `workers`.
+    """
+    text_files: list[tuple[Path, str]] = []
+    hits: list[Hit] = []
+    stats: Counter = Counter()
+    for f, name in _files(paths, root):
+        if f.suffix == ".safetensors":
+            header = _safetensors_header(f)
+            stats["safetensors_headers"] += 1
+            if header is None:
+                hits.append(Hit(name, 0, "unreadable_safetensors_header"))
+            else:
+                hits += [Hit(name, 0, d) for d in _line_hits(".json", header, redactor, canaries)]
+        elif f.suffix in TEXT_SUFFIXES:
+            text_files.append((f, name))
+            if f.suffix == ".json":
+                hits += [Hit(name, 0, d) for d in sorted(_whole_json(f, redactor, canaries))]
+        else:
+            stats["skipped_binary"] += 1  # no text to leak through a report
+    batches = _batches(text_files, stats)
+    if workers > 1:
+        with get_context("fork").Pool(workers, initializer=_init, initargs=(redactor, canaries)) as pool:
+            for found in pool.imap(_work, batches, chunksize=4):
+                hits += found
+    else:
+        _init(redactor, canaries)
+        for b in batches:
+            hits += _work(b)
+    # A .json file's line-0 hit is only kept when no line of that file shows the same detector.
+    shown = {(h.file, h.detector) for h in hits if h.line > 0}
+    hits = sorted({h for h in hits if h.line > 0 or (h.file, h.detector) not in shown})
+    by_det = Counter(h.detector for h in hits)
+    return {"files": len(text_files) + stats["safetensors_headers"], "skipped_binary": stats["skipped_binary"],
+            "lines": stats["lines"], "bytes": stats["bytes"], "hits": [h.__dict__ for h in hits],
             "by_detector": dict(sorted(by_det.items()))}
+
+
+def report(scan: dict, params: LeaksParams, canaries: Canaries, scanned: list[str]) -> dict:
+    """leak_report.json: counts always complete, the hit list capped; `ok` ignores only ignore_detectors."""
+    hits = scan["hits"]
+    failing = [h for h in hits if h["detector"] not in params.ignore_detectors]
+    by_file = Counter(h["file"] for h in hits)
+    return {
+        "ok": not failing,
+        "hits_total": len(hits),
+        "hits_failing": len(failing),
+        "hits": hits[: params.max_hits_listed],
+        "hits_listed": min(len(hits), params.max_hits_listed),
+        "by_detector": scan["by_detector"],
+        "by_file": dict(sorted(by_file.items())),
+        "files_scanned": scan["files"],
+        "skipped_binary": scan["skipped_binary"],
+        "lines_scanned": scan["lines"],
+        "bytes_scanned": scan["bytes"],
+        "scanned": sorted(scanned),
+        "canaries": {"plain": len(canaries.plain), "sha256": len(canaries.hashes)},
+        "ignored_detectors": sorted(params.ignore_detectors),
+    }
+
+
+def redactor_from(rp: RedactParams) -> Redactor:
+    """The same detectors, with the same settings, as the redact stage."""
+    return Redactor(ip_public_only=rp.ip_public_only, entropy_threshold=rp.entropy_threshold,
+                    entropy_min_len=rp.entropy_min_len, disabled=frozenset(rp.disabled_detectors))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m stages.leaks", description=__doc__.splitlines()[0])
+    ap.add_argument("--params", required=True)
+    ap.add_argument("--out", required=True, type=Path, help="folder for leak_report.json")
+    ap.add_argument("--scan", required=True, nargs="+", type=Path, help="artifact files and folders")
+    a = ap.parse_args(argv)
+    params = load_params(a.params, "leaks", LeaksParams)
+    rp = load_params(a.params, "redact", RedactParams)
+    unknown = sorted(set(params.ignore_detectors) - set(DETECTORS))
+    if unknown or "canary" in params.ignore_detectors:
+        raise SystemExit(f"{a.params}: leaks.ignore_detectors: unknown or not ignorable: {', '.join(unknown or ['canary'])}")
+    missing = [str(p) for p in a.scan if not p.exists()]
+    if missing:  # a missing artifact is not a clean one
+        raise SystemExit(f"leaks: nothing to scan at {', '.join(missing)}")
+    canaries = Canaries(rp.canaries, rp.canary_sha256)
+    workers = params.workers or os.cpu_count() or 1
+    scan = scan_paths(a.scan, redactor_from(rp), canaries, root=Path.cwd(), workers=workers)
+    rep = report(scan, params, canaries, [(p.resolve().relative_to(Path.cwd().resolve())
+                                           if p.resolve().is_relative_to(Path.cwd().resolve()) else p).as_posix()
+                                          for p in a.scan])
+    write_json(a.out / "leak_report.json", rep)
+    dets = ", ".join(f"{d} {n}" for d, n in rep["by_detector"].items()) or "none"
+    print(f"leaks: {rep['files_scanned']} files, {rep['lines_scanned']} lines scanned; {rep['hits_total']} hits "
+          f"({dets}) -> {'ok' if rep['ok'] else 'BLOCK'}; {a.out}/leak_report.json")
+
+
+if __name__ == "__main__":
+    main()

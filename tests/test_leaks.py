@@ -1,6 +1,7 @@
 """The leak scan names file, line and detector, never the value; canaries match plain or hashed."""
 import hashlib
 import json
+import struct
 
 from stages.detectors import Redactor
 from stages.leaks import Canaries, scan_paths
@@ -12,7 +13,7 @@ def test_leak_scan_reports_where_not_what(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps({"messages": [{"content": "clean"}]}) + "\n"
                                       + json.dumps({"messages": [{"content": f"mail bob@acme-corp.com {CANARY}"}]}) + "\n")
     (tmp_path / "b.md").write_text("# report\nnothing here\n")
-    (tmp_path / "w.safetensors").write_bytes(b"\x00\x01")
+    (tmp_path / "w.bin").write_bytes(b"\x00\x01")
     rep = scan_paths([tmp_path], Redactor(), Canaries([CANARY]), root=tmp_path)
     assert rep["files"] == 2 and rep["skipped_binary"] == 1
     assert rep["hits"] == [{"file": "a.jsonl", "line": 2, "detector": "canary"},
@@ -25,3 +26,23 @@ def test_hashed_canaries_match_tokens(tmp_path):
     digest = hashlib.sha256(CANARY.encode()).hexdigest()
     assert scan_paths([tmp_path], Redactor(), Canaries(sha256=[digest]))["by_detector"] == {"canary": 1}
     assert scan_paths([tmp_path], Redactor(), Canaries(sha256=["0" * 64]))["hits"] == []
+
+
+def _safetensors(path, metadata):
+    header = json.dumps({"__metadata__": metadata, "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})
+    path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + b"\x00" * 4)
+
+
+def test_safetensors_metadata_is_scanned_and_workers_agree(tmp_path):
+    _safetensors(tmp_path / "clean.safetensors", {"format": "pt"})
+    _safetensors(tmp_path / "adapter.safetensors", {"note": f"trained by {CANARY}"})
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00\x01")
+    rows = [json.dumps({"a": f"line {i}" + (" ops@acme-corp.com" if i % 97 == 3 else "")}) for i in range(3000)]
+    (tmp_path / "big.jsonl").write_text("\n".join(rows) + "\n")
+    one = scan_paths([tmp_path], Redactor(), Canaries([CANARY]), root=tmp_path, workers=1)
+    two = scan_paths([tmp_path], Redactor(), Canaries([CANARY]), root=tmp_path, workers=2)
+    assert one == two
+    assert {"file": "adapter.safetensors", "line": 0, "detector": "canary"} in one["hits"]
+    assert {"file": "broken.safetensors", "line": 0, "detector": "unreadable_safetensors_header"} in one["hits"]
+    assert not any(h["file"] == "clean.safetensors" for h in one["hits"])
+    assert [h["line"] for h in one["hits"] if h["file"] == "big.jsonl"] == [i + 1 for i in range(3000) if i % 97 == 3]

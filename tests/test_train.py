@@ -29,6 +29,8 @@ train:
   max_length: 128
   lora: {r: 8, alpha: 16}
   embedded: {vocab_size: 400, hidden_size: 64, intermediate_size: 192, pretrain_epochs: 30, pretrain_lr: 0.01}
+redact: {}
+leaks: {workers: 1}
 eval:
   batch_size: 16
   bootstrap_samples: 300
@@ -130,10 +132,14 @@ def test_adapter_beats_baseline_end_to_end(two_runs, tiny, capsys):
             str(paths["eval"]), "--out", str(run / "data/eval"), "--per-workflow-csv", str(run / "metrics/wf.csv"),
             "--rescore"])
     assert (run / "data/eval/eval_results.json").read_bytes() == first  # recomputable without a model
+    from stages.leaks import main as scan_main
+
+    scan_main(["--params", params, "--out", str(run / "data/leaks"), "--scan", str(run / "data"), str(paths["manifest"])])
     G.main(["--params", params, "--eval-results", str(run / "data/eval/eval_results.json"), "--manifest",
-            str(paths["manifest"]), "--out", str(run / "data/gate")])
+            str(paths["manifest"]), "--leaks", str(run / "data/leaks/leak_report.json"), "--out", str(run / "data/gate")])
     decision = json.loads((run / "data/gate/gate_decision.json").read_text())
     assert decision["checks"]["exact_delta_ok"] is True
+    assert decision["checks"]["leak_scan_ok"] is True, decision["check_details"]["leak_scan_ok"]
     assert decision["adapter_digest"] == res.adapter_digest
 
 
