@@ -14,7 +14,7 @@ export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export FLYWHEEL_ID_KEY_FILE ?= $(CURDIR)/.flywheel/id_key
 
-.PHONY: install snapshot demo test repro gate ingest schemas bench clean-outputs
+.PHONY: install snapshot demo test repro gate ingest schemas bench bench-redaction clean-outputs
 
 install: $(VENV)/.installed
 
@@ -72,3 +72,8 @@ BENCH_N ?= 100000
 BENCH_ARGS ?=
 bench: install
 	$(BIN)/python -m bench.run --n $(BENCH_N) --work bench/work --out bench/results.json $(BENCH_ARGS)
+
+# Redaction quality on the labelled fixture (bench/redaction_cases.py): per-family precision, recall,
+# F2 and the benign cases it changed; writes metrics/redaction_quality.json (see bench/redaction.py).
+bench-redaction: install
+	$(BIN)/python -m bench.redaction --cases tests/fixtures/redaction/labelled.jsonl --out metrics/redaction_quality.json
