@@ -1,0 +1,208 @@
+"""Redaction measured, not assumed: the labelled fixture (tests/fixtures/redaction/labelled.jsonl)
+scored with bench/redaction.py's pure functions.
+
+The known defects below are the real figures on the fixture (issue 4): each has a reason, and
+the lists must match exactly, so a new miss or false positive fails, and so does a fixed one
+(then take it off the list and raise the floors).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import redaction as rq
+from bench import redaction_cases
+from stages.detectors import DETECTORS
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = ROOT / "tests" / "fixtures" / "redaction" / "labelled.jsonl"
+METRICS = ROOT / "metrics" / "redaction_quality.json"
+
+# Floors, set from the measured figures (recall 144/149 = 0.966, precision 144/156 = 0.923, F2
+# 0.956, nothing leaked in messages or review notes) less about one case of slack each, so the
+# known defects pass and any new miss or couple of new false positives fail.
+MIN_RECALL = 0.96
+MIN_PRECISION = 0.90
+MIN_F2 = 0.94
+MIN_REMOVAL_RECALL = 0.97  # share of labelled secrets gone from the output, whatever the placeholder
+
+# case id -> why the secret is not caught (missed: leaked, or under another family's placeholder)
+KNOWN_MISSES = {
+    "secret_assignment-tp-05": "tool-call arguments are redacted value by value: the key `password` and its value are "
+                               "separate strings, so no `key = value` context reaches the value (leaked)",
+    "secret_assignment-tp-06": "same: {\"api_key\": \"k_...\"} in tool arguments (leaked)",
+    "secret_assignment-tp-08": "same: {\"auth_token\": <32 random chars>} in tool arguments (leaked)",
+    "aws_secret_key-tp-04": "same: {\"aws_secret_access_key\": ...} in tool arguments; the 40-char secret has no "
+                            "aws/secret word in its own string (leaked)",
+    "github_token-tp-04": "a GitHub token as URL password (https://x-access-token:TOKEN@github.com/...): url_password "
+                          "outranks github_token, and `token:` makes secret_assignment swallow '@github.com/org/repo.git' "
+                          "too, so the whole tail becomes <PASSWORD_n> (nothing leaks; wrong kind, host and path lost)",
+}
+# case id -> why a benign look-alike gets (part of it) redacted
+KNOWN_FALSE_POSITIVES = {
+    "private_key-fp-01": "entropy: the base64 body of a PUBLIC KEY block follows the word KEY",
+    "private_key-fp-03": "private_key: a BEGIN header quoted in prose, with no key material, is replaced",
+    "url_password-fp-01": "email: the user@host of ftp://anonymous@ftp.example.org/ reads as an address",
+    "email-fp-04": "email: iOS asset names icon@2x.png / logo@3x.png (png is a TLD-shaped word)",
+    "github_token-fp-03": "github_token: the all-x documentation placeholder ghp_xxxx... matches the format",
+    "slack_token-fp-02": "slack_token: 'xoxo-hugs-and-kisses-from-ana' (xox[o]- and >= 10 chars)",
+    "openai_key-fp-02": "secret_assignment: the elided value in OPENAI_API_KEY=sk-... is taken as a key",
+    "ds_artifactory-fp-01": "ds_artifactory: a CamelCase class name starting with AKC",
+    "ds_discord-fp-01": "ds_discord: a dotted Java call whose parts are 24.6.27 chars (OrgExampleServiceLocator...)",
+    "ds_telegram-fp-01": "ds_telegram: a build tag of 8 digits ':' and a 35-char name",
+    "ipv4-fp-03": "ipv4: the four-part version 1.2.3.4 is a public address",
+}
+# benign code-like cases that may change (none today); id -> reason
+KNOWN_BENIGN_CHANGED: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module")
+def cases() -> list[dict]:
+    return rq.load_cases(CASES)
+
+
+@pytest.fixture(scope="module")
+def results(cases) -> list[dict]:
+    return rq.evaluate(cases, rq.make_redactor())
+
+
+@pytest.fixture(scope="module")
+def metrics(results) -> dict:
+    return rq.aggregate(results)
+
+
+# ---------------------------------------------------------------- the fixture itself
+
+
+def test_fixture_is_what_the_generator_writes():
+    assert CASES.read_text(encoding="utf-8") == redaction_cases.render(redaction_cases.build()), (
+        "run: .venv/bin/python -m bench.redaction_cases")
+
+
+def test_fixture_size_and_shape(cases):
+    assert 250 <= len(cases) <= 400
+    assert {c["location"] for c in cases} == set(rq.LOCATIONS)
+    assert sum(c["category"] == rq.BENIGN_GROUP for c in cases) >= 40
+
+
+def test_every_detector_has_true_and_false_positive_vectors(cases):
+    tp = {d: [c for c in cases if c["kind"] == "tp" and c["category"] == d] for d in DETECTORS}
+    fp = {d: [c for c in cases if c["kind"] == "fp" and c["category"] == d] for d in DETECTORS}
+    assert {d: len(v) for d, v in tp.items() if len(v) < 3} == {}
+    assert {d: len(v) for d, v in fp.items() if len(v) < 1} == {}
+    # each family's true positives sit in all three places a secret can be in a trace
+    assert {d: sorted({c["location"] for c in v}) for d, v in tp.items() if len({c["location"] for c in v}) < 3} == {}
+
+
+def test_the_loader_rejects_a_label_that_is_not_in_the_text(tmp_path):
+    bad = {"id": "x-tp-01", "category": "email", "kind": "tp", "location": "message", "text": "mail a@example.com",
+           "labels": [{"category": "email", "value": "b@example.com"}], "note": ""}
+    (tmp_path / "c.jsonl").write_text(json.dumps(bad) + "\n")
+    with pytest.raises(rq.FixtureError, match="not in the text"):
+        rq.load_cases(tmp_path / "c.jsonl")
+
+
+# ---------------------------------------------------------------- quality floors and known defects
+
+
+def test_overall_recall_and_precision_floors(metrics):
+    m = metrics["micro"]
+    assert m["recall"] >= MIN_RECALL, m
+    assert m["precision"] >= MIN_PRECISION, m
+    assert m["f2"] >= MIN_F2, m
+    assert m["removal_recall"] >= MIN_REMOVAL_RECALL, m
+
+
+def test_misses_are_exactly_the_known_ones(metrics):
+    missed = set(metrics["defects"]["missed"])
+    assert {i: "NEW miss" for i in missed - KNOWN_MISSES.keys()} == {}
+    assert {i: "fixed: remove from KNOWN_MISSES" for i in KNOWN_MISSES.keys() - missed} == {}
+
+
+def test_false_positives_are_exactly_the_known_ones(metrics):
+    fps = set(metrics["defects"]["false_positive"])
+    assert {i: "NEW false positive" for i in fps - KNOWN_FALSE_POSITIVES.keys()} == {}
+    assert {i: "fixed: remove from KNOWN_FALSE_POSITIVES" for i in KNOWN_FALSE_POSITIVES.keys() - fps} == {}
+
+
+def test_benign_code_like_text_is_never_changed(results):
+    changed = {r["id"]: r["output"] for r in results if r["category"] == rq.BENIGN_GROUP and r["changed"]}
+    assert {i: out for i, out in changed.items() if i not in KNOWN_BENIGN_CHANGED} == {}
+    assert KNOWN_BENIGN_CHANGED.keys() <= changed.keys()
+
+
+def test_no_leak_outside_tool_arguments(metrics):
+    """Messages and review notes are one string each: every labelled secret there is caught."""
+    for loc in ("message", "review_note"):
+        assert metrics["by_location"][loc]["fn"] == 0, loc
+
+
+def test_redacted_tool_arguments_stay_valid_json(results):
+    args = [r for r in results if r["location"] == "tool_args"]
+    assert args and all(r["valid_json"] for r in args)
+    for r in args:
+        json.loads(r["output"])
+
+
+def test_redacting_twice_changes_nothing(cases, results):
+    assert [r["id"] for r in results if not r["idempotent"]] == []
+    redactor = rq.make_redactor()
+    for c, r in zip(cases, results):
+        if r["changed"]:
+            assert rq.redact_text(c["location"], r["output"], redactor)[2] == r["output"], c["id"]
+
+
+def test_every_placeholder_maps_back_to_a_span(metrics):
+    assert metrics["checks"] == {"invalid_json": 0, "not_idempotent": 0, "unaligned": 0}
+
+
+def test_committed_metrics_are_current(metrics):
+    assert METRICS.read_text(encoding="utf-8") == rq.dumps(metrics), "run: make bench-redaction"
+
+
+# ---------------------------------------------------------------- the measurement can fail
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_disabling_a_detector_drops_its_recall_to_zero(cases, detector):
+    sub = [c for c in cases if any(lab["category"] == detector for lab in c["labels"])]
+    on = rq.aggregate(rq.evaluate(sub, rq.make_redactor()))["categories"][detector]
+    off = rq.aggregate(rq.evaluate(sub, rq.make_redactor(disabled=[detector])))["categories"][detector]
+    assert on["recall"] > 0.5 and off["recall"] == 0.0, (on, off)
+
+
+def test_a_disabled_detector_breaks_the_floor(cases):
+    m = rq.aggregate(rq.evaluate(cases, rq.make_redactor(disabled=["email"])))
+    assert m["categories"]["email"]["recall"] == 0.0
+    assert m["micro"]["recall"] < MIN_RECALL
+
+
+# ---------------------------------------------------------------- the scorer on hand-made cases
+
+
+def test_recover_spans():
+    assert rq.recover_spans("mail a@x.io and b@y.io", "mail <EMAIL_1> and <EMAIL_2>") == [(5, 11, "EMAIL"), (16, 22, "EMAIL")]
+    assert rq.recover_spans("keep <EMAIL_1> x@y.io", "keep <EMAIL_1> <EMAIL_2>") == [(15, 21, "EMAIL")]
+    assert rq.recover_spans("same", "same") == []
+    assert rq.recover_spans("abc", "xyz") is None
+
+
+def test_scoring_of_fp_kind_mismatch_and_leak():
+    r = rq.make_redactor()
+    case = lambda i, kind, text, *labels: {  # noqa: E731
+        "id": i, "category": labels[0][1] if labels else "email", "kind": kind, "location": "message", "text": text,
+        "labels": [{"value": v, "category": c} for v, c in labels], "note": ""}
+    res = rq.evaluate([
+        case("a", "tp", "mail jane@example.com", ("jane@example.com", "email")),
+        case("b", "tp", "it is jane@example.com", ("jane@example.com", "phone")),  # wrong family: kind mismatch
+        case("c", "tp", "phone me, code 4242", ("4242", "phone")),  # not redacted: leaked
+        case("d", "fp", "write to bob@example.org"),  # a redaction in a benign case: FP
+    ], r)
+    m = rq.aggregate(res)
+    e, p = m["categories"]["email"], m["categories"]["phone"]
+    assert (e["tp"], e["fp"], e["fn"]) == (1, 1, 0) and e["precision"] == 0.5 and e["recall"] == 1.0
+    assert (p["tp"], p["fn"], p["leaked"], p["kind_mismatch"]) == (0, 2, 1, 1)
+    assert m["defects"] == {"missed": ["b", "c"], "false_positive": ["d"], "benign_changed": ["d"]}
+    assert m["micro"]["f2"] == round(5 * (1 / 2) * (1 / 3) / (4 * (1 / 2) + 1 / 3), 4)
