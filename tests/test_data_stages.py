@@ -244,7 +244,8 @@ def test_split_is_stable_when_traces_are_added(tmp_path, key):
     raw = tmp_path / "raw"
     shutil.copytree(Path(__file__).parents[1] / "examples/snapshot", raw)
     bp = BuildDatasetParams(min_examples=0)
-    assert "traces/day2.jsonl" not in run_all(raw, tmp_path / "a", key, bp=bp)["manifest"]["traces_by_file"]
+    first = run_all(raw, tmp_path / "a", key, bp=bp)["manifest"]
+    assert "traces/day2.jsonl" not in first["traces_by_file"]
     write_snapshot(raw, {"traces/day2.jsonl": [
         {"domain": "saas", "workflow": "ticket_triage", "created_at": "2026-12-01T00:00:00Z",
          "messages": [{"role": "user", "content": f"New day ticket {i}: the quarterly widget {i} export is broken in region {i * 7}"},
@@ -259,6 +260,10 @@ def test_split_is_stable_when_traces_are_added(tmp_path, key):
     assert not moved
     assert set(a) <= set(b), "no earlier example dropped by adding new, distinct ones"
     assert 0 < len(set(b) - set(a)) <= 40
+    rows_b = {r["id"]: r for s in ("train", "val") for r in read_jsonl(tmp_path / f"b/build_dataset/{s}.jsonl")}
+    new_texts = [json.dumps(rows_b[k]["messages"]) for k in set(b) - set(a)]
+    assert all("New day ticket" in t for t in new_texts), "only the added day's examples are new"
+    assert before["accounting"]["raw_records"] == first["accounting"]["raw_records"] + 40
 
 
 def test_outputs_are_byte_identical_across_runs(tmp_path, key):

@@ -64,8 +64,11 @@ def _run(cmd: str, cwd: Path, env: dict) -> str:
 
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory) -> tuple[Path, dict]:
+    return _make_clone(tmp_path_factory.mktemp("clone") / "p")
+
+
+def _make_clone(dest: Path) -> tuple[Path, dict]:
     """A throwaway copy of the tracked tree with the example snapshot as data/raw."""
-    dest = tmp_path_factory.mktemp("clone") / "p"
     files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, check=True).stdout.decode().split("\0")
     for f in filter(None, files):
@@ -75,6 +78,13 @@ def clone(tmp_path_factory) -> tuple[Path, dict]:
             shutil.copy2(src, dest / f)
     shutil.rmtree(dest / "data/raw", ignore_errors=True)
     shutil.copytree(ROOT / "examples/snapshot", dest / "data/raw")
+    p = dest / "params.yaml"
+    params = yaml.safe_load(p.read_text())
+    # A tiny model half so the tests stay fast; the behaviour under test is DVC's, not the model's.
+    params["train"].update(max_steps=4, eval_steps=2)
+    params["train"]["embedded"].update(pretrain_epochs=1)
+    params["eval"].update(max_examples=8, bootstrap_samples=100)
+    p.write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "FLYWHEEL_ID_KEY": "dvc-test-key-0123456789abcdef",
            "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
     _run("git init -q && git add -A && git -c user.email=t@t -c user.name=t commit -qm init", dest, env)
@@ -110,13 +120,6 @@ def test_two_repros_at_once_give_one_clear_lock_error(clone):
 def test_gate_only_experiment_never_retrains(clone):
     """`dvc exp run -S gate.*` reruns the gate alone: train and eval are not in its deps."""
     dest, env = clone
-    p = dest / "params.yaml"
-    params = yaml.safe_load(p.read_text())
-    # A tiny model half so the test stays fast; the behaviour under test is DVC's, not the model's.
-    params["train"].update(max_steps=4, eval_steps=2)
-    params["train"]["embedded"].update(pretrain_epochs=1)
-    params["eval"].update(max_examples=8, bootstrap_samples=100)
-    p.write_text(yaml.safe_dump(params, sort_keys=False))
     _run("dvc repro", dest, env)
     _run("git add -A && git -c user.email=t@t -c user.name=t commit -qm tiny", dest, env)
     out = _run("dvc exp run -S gate.min_delta_exact_match=0.3", dest, env)
@@ -140,3 +143,22 @@ def test_team_sharing_through_a_remote_leaves_nothing_to_do(clone, tmp_path):
     _run("dvc pull -q", other, env)
     out = _run("dvc repro", other, env)
     assert "Running stage" not in out, out
+
+
+def _lock_outs(root: Path) -> dict:
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    return {stage: {o["path"]: (o.get("md5"), o.get("size"), o.get("nfiles")) for o in body.get("outs", [])}
+            for stage, body in lock.items()}
+
+
+def test_two_clones_from_scratch_give_the_same_dvc_lock(clone, tmp_path):
+    """Everything, train/eval/gate included on CPU, is the same bytes in a second clone built from scratch."""
+    dest, env = clone
+    _run("dvc repro", dest, env)
+    other, _ = _make_clone(tmp_path / "second")
+    shutil.copy2(dest / "params.yaml", other / "params.yaml")  # with the experiment test's gate threshold
+    _run("dvc repro", other, env)
+    a, b = _lock_outs(dest), _lock_outs(other)
+    assert set(a) == set(_dvc_yaml()["stages"])
+    assert a == b
+    assert all(md5 for outs in a.values() for md5, _, _ in outs.values())
