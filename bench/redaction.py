@@ -28,7 +28,6 @@ The metrics file is deterministic (sorted keys, no timestamps, rounded floats) s
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import re
 import sys
@@ -40,6 +39,7 @@ from typing import Any
 from schemas.params import RedactParams
 from stages.core import load_params
 from stages.detectors import _KINDS, _PRIO, DETECTORS, PLACEHOLDER_RE, Placeholders, Redactor
+from stages.readers import normalize, normalize_arguments
 from stages.redact import _arguments_json, _arguments_text, _collect, _rebuild, redact_fields
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def surface(location: str, text: str) -> list[str]:
     """The strings of a case as the redactor sees them: one text, or every string of the arguments JSON."""
     if location == "tool_args":
         out: list[str] = []
-        _collect(json.loads(text), out)
+        _collect(json.loads(normalize_arguments(text)), out)
         return out
     return [text]
 
@@ -112,43 +112,66 @@ def make_redactor(params_path: str | Path = ROOT / "params.yaml", disabled: Iter
 # --------------------------------------------------------------------------- redaction like the stage
 
 
+_ASK = "Please help with the ticket."
+
+
+def _record(location: str, text: str) -> dict[str, Any]:
+    """A raw OpenAI-style trace line with the case's text in its place."""
+    msgs: list[dict[str, Any]] = [{"role": "user", "content": text if location == "message" else _ASK}]
+    review: dict[str, Any] = {"status": "accepted"}
+    if location == "review_note":
+        review["review_notes"] = text
+    if location == "tool_args":
+        call = {"id": "call_1", "type": "function", "function": {"name": "tool", "arguments": text}}
+        msgs.append({"role": "assistant", "content": None, "tool_calls": [call]})
+    return {"messages": msgs, "human_review": review}
+
+
 def _fields(location: str, text: str) -> dict[str, Any]:
-    """A minimal normalised record with the case's text last in the walk order of stages.redact._collect."""
-    review = {"status": "accepted", "notes": None}
-    if location == "review_note":
-        return {"messages": [{"role": "user", "content": "Please help with the ticket."}],
-                "review": {"status": "accepted", "notes": text}}
-    if location == "message":
-        return {"review": review, "messages": [{"role": "user", "content": text}]}
-    call = {"id": "call_1", "type": "function", "function": {"name": "tool", "arguments": text}}
-    return {"review": review, "messages": [{"role": "assistant", "content": "", "tool_calls": [call]}]}
+    """The record as the `redact` stage holds it before redaction: read by stages.readers.normalize."""
+    fields = normalize(_record(location, text))
+    fields.pop("source_id")  # Worker.trace takes it out before redact_fields
+    return fields
 
 
-def _output(location: str, out: dict[str, Any]) -> str:
+def _target(location: str, fields: dict[str, Any]) -> Any:
     if location == "review_note":
-        return out["review"]["notes"]
-    msg = out["messages"][-1]
-    return msg["tool_calls"][0]["function"]["arguments"] if location == "tool_args" else msg["content"]
+        return fields["review"]["notes"]
+    if location == "tool_args":
+        return fields["messages"][1]["tool_calls"][0]["function"]["arguments"]
+    return fields["messages"][0]["content"]
+
+
+def _slice(texts: list[str], sub: list[str]) -> int:
+    """Where the case's strings sit in the trace's walk order (exactly one place)."""
+    k = len(sub)
+    at = [i for i in range(len(texts) - k + 1) if texts[i : i + k] == sub]
+    if len(at) != 1:
+        raise RuntimeError(f"the case's strings sit in {len(at)} places of the record")
+    return at[0]
 
 
 def redact_text(location: str, text: str, redactor: Redactor) -> tuple[list[str], list[str], str]:
-    """(original strings, redacted strings, output field text) for one case, redacted as stages.redact does.
+    """(original strings, redacted strings, output field text) for one case, redacted as the stage does it.
 
-    The body is `redact_fields` step by step (so that the strings can be paired); its result is
+    The case is read by stages.readers.normalize, then redacted with the body of
+    stages.redact.redact_fields step by step (so that the strings can be paired); the result is
     compared with `redact_fields` itself, so the two cannot drift apart silently.
     """
     fields = _fields(location, text)
     _arguments_json(fields["messages"])
     texts: list[str] = []
     _collect(fields, texts)
+    sub: list[str] = []
+    _collect(_target(location, fields), sub)
+    i = _slice(texts, sub)
     red = redactor.redact_many(texts, Placeholders())
     out = _rebuild(fields, iter(red))
     _arguments_text(out["messages"])
-    ref, _ = redact_fields(copy.deepcopy(_fields(location, text)), redactor)
+    ref, _ = redact_fields(_fields(location, text), redactor)
     if ref != out:
         raise RuntimeError("bench.redaction no longer mirrors stages.redact.redact_fields; update redact_text")
-    k = len(surface(location, text))
-    return texts[-k:], red[-k:], _output(location, out)
+    return texts[i : i + len(sub)], red[i : i + len(sub)], _target(location, out)
 
 
 def recover_spans(orig: str, red: str) -> list[tuple[int, int, str]] | None:

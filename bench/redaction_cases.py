@@ -156,6 +156,7 @@ def build() -> list[dict]:
     tp("jwt", "review_note", f"session cookie in the log was {j3}; rotate it", j3)
     tp("jwt", "tool_args", args(id_token=j4), j4, note="bare token as a value")
     tp("jwt", "message", f"set-cookie: access_token={j1}; HttpOnly; Secure", j1)
+    tp("jwt", "message", f"GET /callback?state=xyz&id_token={j3}&scope=openid", j3, note="in a query string")
     fp("jwt", "message", "a JWT is three base64url parts: header.payload.signature, and eyJ is just base64 for '{\"'",
        note="prose about the format")
     fp("jwt", "review_note", "header eyJhbGciOiJIUzI1NiJ9 only, no payload or signature", note="a lone header")
@@ -182,6 +183,8 @@ def build() -> list[dict]:
     tp("email", "message", "git log shows Author: Frank Ng <frank.ng@example.com>", "frank.ng@example.com")
     tp("email", "tool_args", args(**{"jane.roe@example.com": "owner", "team": "billing"}), "jane.roe@example.com",
        note="an address as a JSON key")
+    tp("email", "tool_args", json.dumps(args(to="grace.h@example.com", body="Hello")), "grace.h@example.com",
+       note="double-encoded arguments (a JSON string holding the JSON text)")
     fp("email", "message", "@pytest.fixture\ndef client():\n    return app.test_client()", note="a decorator")
     fp("email", "tool_args", args(command="git clone git@github.com:org/repo.git"), note="a service account")
     fp("email", "review_note", "npm install @types/node@18.11.9 fixed it", note="an npm scope and version")
@@ -425,6 +428,7 @@ def build() -> list[dict]:
     tp("credit_card", "tool_args", args(note="charge amex=378282246310005 for the order"), "378282246310005")
     tp("credit_card", "message", "mc 5105-1051-0510-5100.", "5105-1051-0510-5100")
     tp("credit_card", "review_note", "paid with 4111-1111-1111-1111, exp 01/30", "4111-1111-1111-1111")
+    tp("credit_card", "message", "test card 4242424242424242 declined", "4242424242424242")
     fp("credit_card", "message", "card 4111 1111 1111 1112 fails Luhn", note="Luhn-invalid")
     fp("credit_card", "tool_args", args(timestamp_ns=1714000000123456789), note="a long number")
     fp("credit_card", "review_note", "tracking number 1Z999AA10123456784, order 4000000000000002X", note="ids")
@@ -451,6 +455,7 @@ def build() -> list[dict]:
     tp("phone", "message", "London office +44 20 7946 0958.", "+44 20 7946 0958")
     tp("phone", "tool_args", args(to="+49 30 901820", text="Your code is ready"), "+49 30 901820")
     tp("phone", "review_note", "the Paris office is +33 1 42 68 53 00", "+33 1 42 68 53 00")
+    tp("phone", "message", "text me at 415.555.0176 or +1-415-555-0177", "415.555.0176", "+1-415-555-0177")
     fp("phone", "message", "phone 123-456-7890 is not a NANP number, 555-0132 too short", note="invalid NANP")
     fp("phone", "tool_args", args(version="10.0.19045.3693", build="2026.04.25"), note="version numbers")
     fp("phone", "review_note", "run 212 passed, 3 failed in 14.22s", note="test counts")
@@ -480,6 +485,7 @@ def build() -> list[dict]:
     tp("home_path", "tool_args", args(command="ls ~erin/notes"), "~erin")
     tp("home_path", "message", 'File "/home/dmitri/.venv/lib/python3.11/site-packages/x.py", line 3', "/home/dmitri")
     tp("home_path", "tool_args", args(path="C:\\Users\\dana\\Desktop\\report.docx"), "C:\\Users\\dana")
+    tp("home_path", "tool_args", "ls -la /home/frank/projects", "/home/frank", note="arguments that are not JSON at all")
     fp("home_path", "message", "src/home/views.py and ./home/x and /var/home/alice", note="repo paths")
     fp("home_path", "tool_args", args(path="/home/shared/data.csv"), note="a shared folder")
     fp("home_path", "review_note", "mask = x & ~valid; cp ~/.bashrc; HEAD~3", note="tilde operators and the own home")
