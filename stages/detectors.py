@@ -496,8 +496,14 @@ class Redactor:
             table.reserve(t)
         if len(texts) < 2:
             return [self.redact(t, table) for t in texts]
-        joined = _BATCH_SEP.join(texts)
-        found = self.scan(joined)
+        return self.settle_many(texts, self.scan(_BATCH_SEP.join(texts)), table)
+
+    def settle_many(self, texts: Sequence[str], found: list[Finding], table: Placeholders) -> list[str]:
+        """Apply the findings of one scan of `_BATCH_SEP.join(texts)` to each text; the rest of `redact_many`.
+
+        Split out so that a caller which built the joined text some cheaper way (stages.redact does
+        it from orjson's output, without a Python walk) and found nothing never builds `texts`.
+        """
         out = list(texts)
         if not found:
             return out

@@ -1,0 +1,74 @@
+"""The stage's fast path (strings taken from orjson's output, no rebuild when nothing is found) must
+give exactly what the plain walk gives: `_collect` + `Redactor.redact_many` + `_rebuild`."""
+import copy
+
+import orjson
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from stages.detectors import _BATCH_SEP, Placeholders, Redactor
+from stages.redact import _arguments_json, _arguments_text, _collect, _decode, _literals, _rebuild, redact_fields
+
+# Strings that stress the split: quotes, backslashes before quotes, control chars, non-ASCII, NUL,
+# placeholders, and secrets so that the found/rebuild path runs too.
+NASTY = ['"', "\\", '\\"', '\\\\"', "\\\\", "\n", "\x00", "\x01", "\x02", "\u2028", "é", "😀", "<EMAIL_1>",
+         "alice@example.com", "password=hunter2x", "AKIAIOSFODNN7EXAMPLE", "ghp_" + "a1B2" * 9, "192.0.2.1",
+         "8.8.8.8", "/home/bob/x", "token: Zx9kQ2mN8vB4cR7tY1uI0oP3", " ", ":"]
+text = st.lists(st.sampled_from(NASTY) | st.text(max_size=6), max_size=6).map("".join)
+scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False, allow_infinity=False) | text
+values = st.recursive(scalars, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(text, kids, max_size=4), max_leaves=25)
+REDACTOR = Redactor()
+
+
+def _reference(fields, redactor):
+    """redact_fields as it was before the fast path."""
+    _arguments_json(fields["messages"])
+    texts = []
+    _collect(fields, texts)
+    table = Placeholders()
+    out = _rebuild(fields, iter(redactor.redact_many(texts, table)))
+    _arguments_text(out["messages"])
+    return out, table.counts
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(values)
+def test_literals_give_the_walk_strings(obj):
+    obj = orjson.loads(orjson.dumps(obj))  # what the stage sees: orjson-made values
+    texts = []
+    _collect(obj, texts)
+    lits, hidden = _literals(obj)
+    assert len(lits) == len(texts)
+    if not texts:
+        return  # the stage decodes only for >= 2 strings
+    assert _decode(b'["' + b'","'.join(lits) + b'"]', hidden) == texts
+    sep = orjson.dumps(_BATCH_SEP)[1:-1]
+    assert _decode(b'"' + sep.join(lits) + b'"', hidden) == _BATCH_SEP.join(texts)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(text, text, values, st.lists(st.tuples(text, values), max_size=3))
+def test_redact_fields_matches_the_walk(content, name, extra, args):
+    fields = {
+        "format": "openai", "review": {"status": "unknown", "notes": content},
+        "messages": [{"role": "user", "content": content},
+                     {"role": "assistant", "content": "", "tool_calls": [
+                         {"id": "call_1", "type": "function",
+                          "function": {"name": name, "arguments": orjson.dumps(dict(args)).decode()}}]}],
+        "tools": None, "extra": {"x": extra, name: content},
+    }
+    fields = orjson.loads(orjson.dumps(fields))
+    got, got_counts = redact_fields(copy.deepcopy(fields), REDACTOR)
+    want, want_counts = _reference(copy.deepcopy(fields), REDACTOR)
+    assert orjson.dumps(got) == orjson.dumps(want)
+    assert got_counts == want_counts
+
+
+def test_redact_fields_finds_secrets_in_keys_and_arguments():
+    fields = {"format": "openai", "messages": [{"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"to": "bob@example.com"}'}}]}],
+        "extra": {"carol@example.com": 'say "hi" \\" to dave@example.org'}}
+    out, counts = redact_fields(fields, REDACTOR)
+    blob = orjson.dumps(out)
+    assert b"example.com" not in blob and b"example.org" not in blob
+    assert counts["email"] == 3
