@@ -153,6 +153,7 @@ HOSTILE = {
     ],
     "traces/bom.jsonl": [b'\xef\xbb\xbf{"user": "bom first line", "assistant": "fine"}'],
     "traces/empty.jsonl": [],
+    "traces/blank.jsonl": [b"", b"   ", b"\t", b""],
     "elsewhere/stray.jsonl": [b"{}"],
 }
 
@@ -168,7 +169,7 @@ def test_hostile_input_is_counted_never_crashes(tmp_path, key):
     assert all(r["file"] and r["line"] >= 0 and r["reason"] for r in rejects)
     dup = [r for r in rejects if r["reason"] == "duplicate_id"][0]
     assert dup["line"] == 9 and "traces/hostile.jsonl:8" in dup["detail"]
-    assert m["blank_lines"] == 2 and m["traces"] == 5
+    assert m["blank_lines"] == 2 + 4 and m["traces"] == 5
     filtered = out["manifest"]["filtered_by_reason"]
     assert filtered.get("role_order", 0) + filtered.get("eval_role_order", 0) == 1
     assert filtered.get("empty_turn", 0) + filtered.get("eval_empty_turn", 0) == 1
