@@ -426,6 +426,13 @@ def _ends_placeholder(text: str, i: int) -> bool:
     )
 
 
+def _after_nul(low: bytes, lo: int, i: int) -> int:
+    """`lo`, or just past the last NUL in low[lo:i]: context never reaches back into the previous string
+    of a batch (`_BATCH_SEP` holds a NUL), so a string is redacted the same alone or batched."""
+    z = low.rfind(b"\x00", lo, i)
+    return lo if z < 0 else z + 1
+
+
 def _in_url_userinfo(text: str, ls: int) -> bool:
     """True when `text[ls:]` starts the password of `scheme://user:PASSWORD@host`."""
     if ls == 0 or text[ls - 1] != ":":
@@ -789,7 +796,7 @@ class Redactor:
             and set(tok) <= _B64
             and any(c.isupper() for c in tok)
             and any(c.islower() for c in tok)
-            and ("secret" in key.lower() or low.find(b"aws", max(0, ks - 32), ke) >= 0)
+            and ("secret" in key.lower() or low.find(b"aws", _after_nul(low, max(0, ks - 32), ks), ke) >= 0)
         )
 
     def _window(self, text: str, low: bytes, tok: bytes, key: str, ks: int, ke: int, out: list[_Cand]) -> None:

@@ -350,6 +350,16 @@ def test_redact_many_matches_per_string():
     assert t1.counts == t2.counts
 
 
+def test_batch_context_stays_in_its_string():
+    # `aws` at the end of one string once made the next string's 40-char key an AWS secret when
+    # batched but not alone; the stage's clean-string cache relies on strings being independent.
+    a, b = "my aws", "api_key=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+    t1, t2 = Placeholders(), Placeholders()
+    assert R.redact_many([a, b], t2) == [R.redact(a, t1), R.redact(b, t1)] == [a, "api_key=<API_KEY_1>"]
+    assert t1.counts == t2.counts
+    assert R.redact("aws api_key=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", Placeholders()).endswith("<AWS_SECRET_1>")
+
+
 # ---------------------------------------------------------------- properties
 
 SECRETS = [row[2] for row in TRUE_POSITIVES]
