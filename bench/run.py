@@ -417,7 +417,7 @@ def _rates(m: dict[str, Any], n: int, nbytes: int) -> dict[str, Any]:
 
 
 def run(n: int, work: Path, out: Path, *, seed: int = 0, extras: bool = True, profile: bool = False,
-        repeat: int = 1, naive: bool = True, quiet: bool = False) -> dict[str, Any]:
+        repeat: int = 1, naive: bool = True, quiet: bool = False, model: bool = True) -> dict[str, Any]:
     from bench.corpus import generate  # noqa: PLC0415 (keeps `--help` fast)
 
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
@@ -521,6 +521,20 @@ def run(n: int, work: Path, out: Path, *, seed: int = 0, extras: bool = True, pr
     else:
         res["extras"] = {"noop_repro": {"skipped": "--no-extras"}, "exp_run_gate": {"skipped": "--no-extras"}}
 
+    if extras and model:
+        say("bench: model half (train tokens/s, batched vs one-at-a-time generation, gate-only dvc exp run)")
+        try:
+            m = measure([sys.executable, "-m", "bench.model", "--work", str(work / "model"), "--out",
+                         str(work / "model.json")], logs / "model.log", env)
+            res["extras"]["model"] = orjson.loads((work / "model.json").read_bytes())
+            res["extras"]["model"]["wall_s"] = m["wall_s"]
+            if "seconds" not in res["extras"].get("exp_run_gate", {}):
+                res["extras"]["exp_run_gate"] = res["extras"]["model"]["exp_run_gate"]
+        except (RuntimeError, OSError, ValueError) as exc:
+            res["extras"]["model"] = {"skipped": f"failed: {str(exc)[-500:]}"}
+    else:
+        res["extras"]["model"] = {"skipped": "--no-model" if extras else "--no-extras"}
+
     if profile:
         say("bench: cProfile of each stage (redact with workers=1)")
         res["profile"] = profile_stages(work, env)
@@ -546,6 +560,9 @@ def _targets(res: dict[str, Any]) -> dict[str, Any]:
     if "speedup_vs_naive" in p:
         out["pipeline_speedup_vs_naive"] = {"target": ">= 10", "value": p["speedup_vs_naive"],
                                             "met": p["speedup_vs_naive"] >= TARGETS["pipeline_speedup_vs_naive"]}
+    gen = res.get("extras", {}).get("model", {}).get("eval_generation", {})
+    if "speedup" in gen:
+        out["eval_batched_speedup"] = {"target": ">= 4", "value": gen["speedup"], "met": gen["speedup"] >= 4}
     noop = res.get("extras", {}).get("noop_repro", {})
     if "seconds" in noop:
         out["noop_repro_s"] = {"target": "<= 2", "value": noop["seconds"], "met": noop["seconds"] <= TARGETS["noop_repro_s"]}
@@ -590,6 +607,14 @@ def table(res: dict[str, Any]) -> str:
     lines.append("no-op dvc repro: " + (f"{noop['seconds']:.2f}s" if "seconds" in noop else noop.get("skipped", "-")))
     gate = res.get("extras", {}).get("exp_run_gate", {})
     lines.append("dvc exp run gate: " + (f"{gate['seconds']:.2f}s" if "seconds" in gate else gate.get("skipped", "-")))
+    mod = res.get("extras", {}).get("model", {})
+    if "train" in mod:
+        tr, gen = mod["train"], mod["eval_generation"]
+        lines.append(f"train (embedded base, {tr['steps']} LoRA steps, {tr['device']}): {tr['tokens_per_s']:,.0f} tokens/s; "
+                     f"eval generation: batched {gen['batched']['prompts_per_s']:.1f} prompts/s vs one at a time "
+                     f"{gen['one_at_a_time']['prompts_per_s']:.1f} ({gen['speedup']:.1f}x, {gen['prompts']} prompts)")
+    else:
+        lines.append("model half: " + mod.get("skipped", "-"))
     for k, t in res.get("targets", {}).items():
         at = f" (at n = {t['n']:,}, {t['stage']})" if "n" in t else ""
         lines.append(f"target {k} {t['target']}: {t['value']:.3g}{at} -> {'met' if t['met'] else 'NOT met'}")
@@ -606,6 +631,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile", action="store_true", help="also cProfile each stage and report hot spots")
     ap.add_argument("--no-extras", dest="extras", action="store_false", help="skip the dvc timings")
     ap.add_argument("--no-naive", dest="naive", action="store_false", help="skip the naive pass (it holds all in memory)")
+    ap.add_argument("--no-model", dest="model", action="store_false",
+                    help="skip the model half (train tokens/s, batched vs one-at-a-time eval, gate-only dvc exp run)")
     ap.add_argument("--near-dedup-probe", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.near_dedup_probe:
@@ -614,7 +641,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.n < 1:
         sys.exit("--n must be at least 1")
     res = run(args.n, args.work, args.out, seed=args.seed, extras=args.extras, profile=args.profile,
-              repeat=args.repeat, naive=args.naive)
+              repeat=args.repeat, naive=args.naive, model=args.model)
     print(table(res))
     print(f"wrote {args.out}")
 

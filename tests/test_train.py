@@ -278,3 +278,15 @@ def test_loss_rows():
     rows = T.loss_rows(history)
     assert rows == [{"step": 1, "loss": 2.0, "val_loss": ""}, {"step": 2, "loss": 1.5, "val_loss": 1.7}]
     assert T.loss_csv(rows) == "step,loss,val_loss\n1,2.0,\n2,1.5,1.7\n"
+
+
+def test_bench_compares_batched_and_one_at_a_time_generation(two_runs, tiny):
+    """bench.model's eval comparison on the tiny adapter: same prompts, same model, both ways."""
+    from bench.model import eval_figures
+
+    run, _ = two_runs
+    _, paths = tiny
+    res = eval_figures(run / "data/train", paths["val"], paths["eval"], 12)
+    assert res["prompts"] == 12 and res["one_at_a_time"]["seconds"] > 0 and res["batched"]["seconds"] > 0
+    assert res["speedup"] == round(res["one_at_a_time"]["seconds"] / res["batched"]["seconds"], 2)
+    assert res["same_text_share"] >= 0.9  # left padding changes nothing greedy decoding would see
