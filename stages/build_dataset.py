@@ -7,20 +7,24 @@ survivor, over quota, train or val); the stage fails if that accounting does not
 from __future__ import annotations
 
 import argparse
+from array import array
+import bisect
 import re
+import tempfile
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
+import orjson
 import xxhash
-from datasketch import LeanMinHash, MinHashLSH
+from datasketch import MinHashLSH
 
 from schemas.params import BuildDatasetParams, RedactParams
 from schemas.records import DatasetManifest, SplitRow
-from stages.core import atomic_open, content_id, dumps, load_params, read_jsonl, unit_hash, write_json
-from stages.detectors import Redactor
+from stages.core import (SpillSort, atomic_open, content_id, dumps, iter_lines, load_params, read_jsonl, unit_hash,
+                         write_json)
+from stages.detectors import _BATCH_SEP, Redactor
 from stages.leaks import Canaries, scan_text, strings
 
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -80,54 +84,159 @@ def shingles(messages: list[dict], n: int) -> set[bytes]:
 
 _PRIME = np.uint64((1 << 61) - 1)
 _MAX32 = np.uint64((1 << 32) - 1)
+_SHIFT61 = np.uint64(61)
+# ASCII bytes that are not \w (letters, digits, _) become spaces: for ASCII text, split() after
+# this translate gives exactly _WORD.findall's words, without the regex engine.
+_NON_WORD = bytes(c if chr(c).isalnum() or c == 0x5F else 0x20 for c in range(128)) + b" " * 128
+_SIG_BATCH = 16  # rows per vectorised signature batch: small enough that the arrays stay in cache
+
+
+def _words(messages: list[dict]) -> list[bytes]:
+    """shingles()' words, as UTF-8 bytes."""
+    text = " ".join(m.get("content", "") for m in messages if m["role"] != "system").lower()
+    if text.isascii():
+        return text.encode().translate(_NON_WORD).split()
+    return [w.encode() for w in _WORD.findall(text)]
+
+
+def shingle_hashes(messages: list[dict], n: int) -> np.ndarray:
+    """xxh32 of every shingle (shingles() as a list: a repeated shingle can't change a minimum)."""
+    words = _words(messages)
+    if len(words) <= n:
+        return np.array([xxhash.xxh32_intdigest(b" ".join(words))], dtype=np.uint64)
+    h = xxhash.xxh32_intdigest
+    return np.fromiter((h(b" ".join(words[i:i + n])) for i in range(len(words) - n + 1)),
+                       dtype=np.uint64, count=len(words) - n + 1)
 
 
 class NearDedup:
     """MinHash + LSH: sub-quadratic near-duplicate search; survivors are checked by estimated Jaccard.
 
-    Signatures are computed here, vectorised over shingles x permutations with xxhash, because
-    datasketch's MinHash() draws its permutations anew for every object (~1 ms a row); its LSH
-    index is used as it is.
+    Signatures are datasketch's (universal hashing (a*h + b) mod p of xxh32 shingle hashes, the
+    permutations of RandomState(1)), computed vectorised over a batch of rows x shingles x
+    permutations, and kept as one compact uint32 row each. The LSH index is datasketch's scheme with
+    its own (b, r) split for this threshold: a row is a candidate of another when one band of r
+    values is equal. `find` is the row-at-a-time form (used by the bench probe); `build` runs the
+    same decisions over whole arrays (near_duplicates below).
     """
 
     def __init__(self, params: BuildDatasetParams):
         self.threshold = params.near_dedup_threshold
         self.num_perm = params.near_dedup_num_perm
         self.n = params.near_dedup_shingle
-        self.lsh = MinHashLSH(threshold=self.threshold, num_perm=self.num_perm)
-        self.sigs: dict[str, np.ndarray] = {}
+        # Only the band split is taken from datasketch's index, which is otherwise not used.
+        lsh = MinHashLSH(threshold=self.threshold, num_perm=self.num_perm)
+        self.b, self.r = lsh.b, lsh.r
         rng = np.random.RandomState(1)
         self._a = rng.randint(1, int(_PRIME), self.num_perm, dtype=np.uint64)
         self._b = rng.randint(0, int(_PRIME), self.num_perm, dtype=np.uint64)
+        self._tables: list[dict[bytes, list[str]]] = [{} for _ in range(self.b)]
+        self.sigs: dict[str, np.ndarray] = {}
 
-    def signature(self, messages: list[dict]) -> LeanMinHash:
-        hv = np.fromiter((xxhash.xxh32_intdigest(s) for s in shingles(messages, self.n)), dtype=np.uint64)
-        # Universal hashing (a*h + b) mod p, in uint64 with wrap-around, as datasketch does.
-        perm = np.bitwise_and((np.outer(hv, self._a) + self._b) % _PRIME, _MAX32)
-        return LeanMinHash(seed=1, hashvalues=perm.min(axis=0), scheme="legacy")
+    def signatures(self, hashes: list[np.ndarray]) -> np.ndarray:
+        """One uint32 signature row per entry of `hashes` (the shingle hashes of a row)."""
+        out = np.empty((len(hashes), self.num_perm), dtype=np.uint32)
+        for i in range(0, len(hashes), _SIG_BATCH):
+            batch = hashes[i:i + _SIG_BATCH]
+            h = np.concatenate(batch)
+            x = np.multiply.outer(h, self._a)  # uint64, wrapping as datasketch's does
+            x += self._b
+            # x mod (2^61 - 1) without a division: fold the top 3 bits onto the low 61, then at most
+            # one subtraction. Equal to x % p for every uint64 x.
+            t = x >> _SHIFT61
+            x &= _PRIME
+            x += t
+            np.greater_equal(x, _PRIME, out=t)
+            t *= _PRIME
+            x -= t
+            x &= _MAX32
+            starts = np.zeros(len(batch), dtype=np.intp)
+            np.cumsum([len(b) for b in batch[:-1]], out=starts[1:])
+            out[i:i + len(batch)] = np.minimum.reduceat(x, starts, axis=0)
+        return out
 
-    def find(self, key: str, mh: LeanMinHash) -> str | None:
-        """The surviving row this one nearly duplicates, or None (then it becomes a survivor)."""
+    def signature(self, messages: list[dict]) -> np.ndarray:
+        return self.signatures([shingle_hashes(messages, self.n)])[0]
+
+    def _bands(self, sig: np.ndarray) -> list[bytes]:
+        return [sig[i * self.r:(i + 1) * self.r].tobytes() for i in range(self.b)]
+
+    def find(self, key: str, sig: np.ndarray) -> str | None:
+        """The surviving row this one nearly duplicates (least key), or None (then it becomes a survivor)."""
+        cands = {c for table, band in zip(self._tables, self._bands(sig)) for c in table.get(band, ())}
         best = None
-        for cand in self.lsh.query(mh):
-            sim = float(np.mean(self.sigs[cand] == mh.hashvalues))
-            if sim >= self.threshold and (best is None or cand < best):
+        for cand in cands:
+            if float(np.mean(self.sigs[cand] == sig)) >= self.threshold and (best is None or cand < best):
                 best = cand
         if best is None:
-            self.lsh.insert(key, mh)
-            self.sigs[key] = mh.hashvalues
+            for table, band in zip(self._tables, self._bands(sig)):
+                table.setdefault(band, []).append(key)
+            self.sigs[key] = sig
         return best
 
 
+def near_duplicates(near: NearDedup, sig_file: Path, band_hash: np.ndarray, order: np.ndarray,
+                    keys: np.ndarray) -> np.ndarray:
+    """For each row (slot), the slot of the survivor it nearly duplicates, or -1.
+
+    Rows are taken in `order`; a row is compared with the survivors before it that share one band
+    with it and joins them when none is similar enough: NearDedup.find's decisions, row for row.
+    A row whose bands all differ from every other row's can have no candidate and be no one's
+    candidate, so it is a survivor without a look; only rows sharing a band hash with another row
+    (a few percent) are read back from `sig_file` and walked one by one.
+    """
+    n = len(band_hash)  # every slot; only those in `order` take part (the others are exact duplicates)
+    out = np.full(n, -1, dtype=np.int64)
+    if len(order) == 0:
+        return out
+    part = np.sort(order)
+    shared = np.zeros(len(part), dtype=bool)
+    group = np.zeros((n, near.b), dtype=np.int64)
+    for i in range(near.b):
+        _, inv, counts = np.unique(band_hash[part, i], return_inverse=True, return_counts=True)
+        shared |= counts[inv] > 1
+        group[part, i] = inv
+    slots = part[shared]
+    if len(slots) == 0:
+        return out
+    # Read back the signatures of the shared rows only, chunk by chunk (the file holds all of them).
+    sig = np.empty((len(slots), near.num_perm), dtype=np.uint32)
+    row_bytes = 4 * near.num_perm
+    chunk = 1 << 14
+    with open(sig_file, "rb") as fh:
+        for lo in range(0, n, chunk):
+            want = slots[(slots >= lo) & (slots < lo + chunk)]
+            if len(want) == 0:
+                continue
+            fh.seek(lo * row_bytes)
+            block = np.frombuffer(fh.read(min(chunk, n - lo) * row_bytes), dtype=np.uint32).reshape(-1, near.num_perm)
+            sig[np.searchsorted(slots, want)] = block[want - lo]
+    where = np.full(n, -1, dtype=np.int64)
+    where[slots] = np.arange(len(slots))
+    r, thr = near.r, near.threshold
+    tables: list[dict[int, list[int]]] = [{} for _ in range(near.b)]
+    rank = np.zeros(n, dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    for s in slots[np.argsort(rank[slots], kind="stable")].tolist():
+        me = sig[where[s]]
+        cands = set()
+        for i, table in enumerate(tables):
+            for c in table.get(int(group[s, i]), ()):
+                # Equal band hashes are only a hint: datasketch's buckets hold equal band values.
+                if np.array_equal(sig[where[c], i * r:(i + 1) * r], me[i * r:(i + 1) * r]):
+                    cands.add(c)
+        best = -1
+        for c in cands:
+            if float(np.mean(sig[where[c]] == me)) >= thr and (best < 0 or keys[c] < keys[best]):
+                best = c
+        if best < 0:
+            for i, table in enumerate(tables):
+                table.setdefault(int(group[s, i]), []).append(s)
+        out[s] = best
+    return out
+
+
 # ---------------------------------------------------------------- the build
-@dataclass
-class Candidate:
-    id: str
-    trace_id: str
-    bucket: str
-    order: tuple[str, str]
-
-
 def _meta(ex: dict) -> dict:
     return ex["metadata"]
 
@@ -137,153 +246,270 @@ def read_eval(cases: Iterable[dict]) -> dict[str, dict]:
     return {tid: c for c in cases for tid in c["source_trace_ids"]}
 
 
+def _eval_offsets(path: Path) -> dict[str, int]:
+    """trace id -> byte offset of its eval case's line: the cases themselves stay on disk."""
+    out: dict[str, int] = {}
+    with open(path, "rb") as fh:
+        pos = 0
+        for raw in fh:
+            if raw.strip():
+                for tid in orjson.loads(raw)["source_trace_ids"]:
+                    out[tid] = pos
+            pos += len(raw)
+    return out
+
+
+class _Sigs:
+    """Signatures of the near-dedup rows, in slot order: spilled to a file, a band hash each kept."""
+
+    def __init__(self, near: NearDedup, path: Path):
+        self.near, self.path = near, path
+        self._fh = open(path, "wb", buffering=1 << 20)
+        self._pending: list[np.ndarray] = []
+        self._band_hash: list[np.ndarray] = []
+        self.n = 0
+        # Multipliers of a polynomial hash of each band's r values (collisions are checked later).
+        self._mult = np.random.RandomState(2).randint(1, 1 << 62, near.r, dtype=np.uint64) | np.uint64(1)
+
+    def add(self, messages: list[dict]) -> int:
+        self._pending.append(shingle_hashes(messages, self.near.n))
+        self.n += 1
+        if len(self._pending) >= 1024:
+            self._flush()
+        return self.n - 1
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        sig = self.near.signatures(self._pending)
+        self._pending = []
+        self._fh.write(sig.tobytes())
+        r = self.near.r
+        bands = sig[:, :self.near.b * r].astype(np.uint64).reshape(len(sig), self.near.b, r)
+        self._band_hash.append((bands * self._mult).sum(axis=2, dtype=np.uint64))
+
+    def close(self) -> np.ndarray:
+        self._flush()
+        self._fh.close()
+        return np.concatenate(self._band_hash) if self._band_hash else np.zeros((0, self.near.b), dtype=np.uint64)
+
+
+class _Column:
+    """An append-only column of fixed-width bytes, kept as numpy chunks (no per-row Python objects)."""
+
+    def __init__(self):
+        self._chunks: list[np.ndarray] = []
+        self._buf: list[bytes] = []
+
+    def append(self, value: bytes) -> None:
+        self._buf.append(value)
+        if len(self._buf) >= 65536:
+            self._chunks.append(np.array(self._buf, dtype=bytes))
+            self._buf = []
+
+    def array(self) -> np.ndarray:
+        if self._buf:
+            self._chunks.append(np.array(self._buf, dtype=bytes))
+            self._buf = []
+        return np.concatenate(self._chunks) if self._chunks else np.zeros(0, dtype="S1")
+
+
 def build(traces_path: Path, rejects_path: Path, export_dir: Path, out_dir: Path,
           params: BuildDatasetParams, redactor: Redactor, canaries: Canaries | None = None) -> dict[str, Any]:
+    """Two streaming passes over the inputs with compact per-row state, then one more over the
+    training examples that parses only the selected rows. Rows, the exclusion log and the outputs
+    go through temp files (SpillSort), so memory stays flat as the snapshot grows."""
     canaries = canaries or Canaries()
-    eval_by_trace = read_eval(read_jsonl(export_dir / "eval-cases.jsonl"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".build_dataset.", dir=out_dir) as tmp:
+        return _build(traces_path, rejects_path, export_dir, out_dir, params, redactor, canaries, Path(tmp))
+
+
+def _build(traces_path: Path, rejects_path: Path, export_dir: Path, out_dir: Path, params: BuildDatasetParams,
+           redactor: Redactor, canaries: Canaries, tmp: Path) -> dict[str, Any]:
+    eval_path = export_dir / "eval-cases.jsonl"
+    eval_at = _eval_offsets(eval_path)
     fates: Counter = Counter()
     filtered: Counter = Counter()
     ineligible: Counter = Counter()
-    excl: list[dict] = []  # the exclusion log: trace id, reason, survivor
+    excl = SpillSort(tmp)  # the exclusion log, (reason, trace id) -> its line
 
     def drop(tid: str, reason: str, survivor: str | None = None, kind: str = "filtered") -> None:
         fates[kind] += 1
         if kind == "filtered":
             filtered[reason] += 1
-        excl.append({"trace_id": tid, "reason": reason, **({"survivor": survivor} if survivor else {})})
+        excl.add((reason, tid), dumps({"trace_id": tid, "reason": reason, **({"survivor": survivor} if survivor else {})}))
+
+    near = NearDedup(params)
+    sigs = _Sigs(near, tmp / "signatures.bin")
+    rescan: Counter = Counter()
+    scan_row = _RowScanner(redactor, canaries)
 
     # Pass 1 over traces: the ones that can't train, and the eval rows (which take dedup priority).
-    near = NearDedup(params)
-    exact: dict[str, str] = {}
-    eval_rows: list[dict] = []
+    # Eval rows are written out as they come (sorted later); their signatures take slots 0..E-1.
+    eval_rids: set[str] = set()
+    eval_keys: list[str] = []
+    eval_rows = SpillSort(tmp)
     stats = Counter()
     files: dict[str, dict[str, Any]] = {}
-    for t in read_jsonl(traces_path):
-        stats["traces"] += 1
-        f = files.setdefault(t["source_file"], {"bucket": t["bucket"], "traces": 0})
-        f["traces"] += 1
-        stats["rows_with_redactions"] += bool(t["redactions"])
-        stats["redactions_applied"] += sum(t["redactions"].values())
-        if not t["trainable"]:
-            fates["ineligible"] += 1
-            ineligible[t["ineligible"][0]] += 1
-            excl.append({"trace_id": t["id"], "reason": f"ineligible:{','.join(t['ineligible'])}"})
-            continue
-        case = eval_by_trace.get(t["id"])
-        if case is None:
-            continue
-        reason = quality_reason(t["messages"], t["outcome"], params)
-        if reason:
-            drop(t["id"], f"eval_{reason}")
-            continue
-        rid = row_id(t["messages"])
-        if rid in exact:
-            drop(t["id"], "eval_duplicate", exact[rid], kind="dedup_exact")
-            continue
-        exact[rid] = rid
-        near.find(rid, near.signature(t["messages"]))  # registers eval rows as survivors
-        fates["eval"] += 1
-        eval_rows.append(SplitRow(
-            id=rid, source=t["source"], bucket=t["bucket"], domain=t["domain"], workflow=t["workflow"],
-            messages=t["messages"], tools=t.get("tools"), trace_id=t["id"], eval_case_id=case["id"],
-            expected_behavior=case["expected_behavior"], forbidden_behavior=case["forbidden_behavior"],
-        ).model_dump(mode="json", exclude_none=True))
-    eval_ids = set(exact)
+    with open(eval_path, "rb") as eval_fh:
+        for t in read_jsonl(traces_path):
+            stats["traces"] += 1
+            f = files.get(t["source_file"]) or files.setdefault(t["source_file"], {"bucket": t["bucket"], "traces": 0})
+            f["traces"] += 1
+            stats["rows_with_redactions"] += bool(t["redactions"])
+            stats["redactions_applied"] += sum(t["redactions"].values())
+            if not t["trainable"]:
+                fates["ineligible"] += 1
+                ineligible[t["ineligible"][0]] += 1
+                reason = f"ineligible:{','.join(t['ineligible'])}"
+                excl.add((reason, t["id"]), dumps({"trace_id": t["id"], "reason": reason}))
+                continue
+            pos = eval_at.get(t["id"])
+            if pos is None:
+                continue
+            reason = quality_reason(t["messages"], t["outcome"], params)
+            if reason:
+                drop(t["id"], f"eval_{reason}")
+                continue
+            rid = row_id(t["messages"])
+            if rid in eval_rids:
+                drop(t["id"], "eval_duplicate", rid, kind="dedup_exact")
+                continue
+            eval_rids.add(rid)
+            eval_keys.append(rid)
+            sigs.add(t["messages"])
+            fates["eval"] += 1
+            eval_fh.seek(pos)
+            case = orjson.loads(eval_fh.readline())
+            split_row = SplitRow(
+                id=rid, source=t["source"], bucket=t["bucket"], domain=t["domain"], workflow=t["workflow"],
+                messages=t["messages"], tools=t.get("tools"), trace_id=t["id"], eval_case_id=case["id"],
+                expected_behavior=case["expected_behavior"], forbidden_behavior=case["forbidden_behavior"],
+            ).model_dump(mode="json", exclude_none=True)
+            rescan.update(scan_row(split_row))
+            row = dumps(split_row)
+            eval_rows.add(xxhash.xxh3_64_intdigest(row), row)
+    n_eval_cases = len(eval_at)
+    del eval_at
 
-    # Pass 2 over the training pool: filters and exact dedup, keeping only small keys in memory.
-    cands: list[Candidate] = []
+    # Pass 2 over the training pool: filters, eval overlap, and the compact columns of every row that
+    # passed them. Exact duplicates among these are found afterwards, over the whole column at once.
+    rid_col, tid_col, created_col = _Column(), _Column(), _Column()
+    line_no = array("q")  # the line (index in the file) of each row in the columns
+    bucket_names: dict[str, int] = {}
+    bucket_code = bytearray()
     n_examples = 0
-    for ex in read_jsonl(export_dir / "training-examples.jsonl"):
+    for j, raw in enumerate(_lines(export_dir / "training-examples.jsonl")):
         n_examples += 1
-        meta = _meta(ex)
+        meta = _meta(orjson.loads(raw))
         tid = meta["source_trace_ids"][0]
         reason = quality_reason(meta["messages"], meta.get("outcome", "unknown"), params)
         if reason:
             drop(tid, reason)
             continue
         rid = row_id(meta["messages"])
-        if rid in exact:
-            kind = "eval_overlap" if exact[rid] in eval_ids else "dedup_exact"
-            drop(tid, kind, exact[rid], kind=kind)
+        if rid in eval_rids:
+            drop(tid, "eval_overlap", rid, kind="eval_overlap")
             continue
-        exact[rid] = rid
-        cands.append(Candidate(rid, tid, meta["bucket"], (meta.get("created_at") or "", rid)))
-    if n_examples + len(eval_by_trace) != stats["traces"] - fates["ineligible"]:
-        raise RuntimeError(f"export and redact disagree: {n_examples} examples + {len(eval_by_trace)} eval cases "
+        rid_col.append(rid.encode())
+        tid_col.append(tid.encode())
+        created_col.append((meta.get("created_at") or "").encode())
+        bucket_code.append(bucket_names.setdefault(meta["bucket"], len(bucket_names)))
+        line_no.append(j)
+        sigs.add(meta["messages"])
+    line_idx = np.frombuffer(line_no, dtype=np.int64)
+    if n_examples + n_eval_cases != stats["traces"] - fates["ineligible"]:
+        raise RuntimeError(f"export and redact disagree: {n_examples} examples + {n_eval_cases} eval cases "
                            f"!= {stats['traces'] - fates['ineligible']} trainable traces")
+    rids, tids, created = rid_col.array(), tid_col.array(), created_col.array()
+    buckets = np.frombuffer(bytes(bucket_code), dtype=np.uint8)
+    band_hash = sigs.close()
+    n_eval = len(eval_keys)
 
-    # Near dedup in (created_at, id) order, so that an old survivor stays the survivor when new data arrives.
-    cands.sort(key=lambda c: c.order)
-    cand_ids = {c.id for c in cands}
-    keep: dict[str, Candidate] = {}
-    sigs = {}
-    for ex in read_jsonl(export_dir / "training-examples.jsonl"):
-        m = _meta(ex)["messages"]
-        rid = row_id(m)
-        if rid in cand_ids and rid not in sigs:
-            sigs[rid] = near.signature(m)
-    for c in cands:
-        survivor = near.find(c.id, sigs.pop(c.id))
-        if survivor is None:
-            keep[c.id] = c
-        else:
-            kind = "eval_overlap" if survivor in eval_ids else "dedup_near"
-            drop(c.trace_id, kind, survivor, kind=kind)
-    sigs.clear()
+    # Exact duplicates in the pool: the first occurrence in file order is the candidate.
+    first = np.zeros(len(rids), dtype=bool)
+    if len(rids):
+        first[np.unique(rids, return_index=True)[1]] = True
+    for k in np.flatnonzero(~first).tolist():
+        drop(tids[k].decode(), "dedup_exact", rids[k].decode(), kind="dedup_exact")
+
+    # Near dedup: eval rows first (file order), then candidates in (created_at, id) order, so that an
+    # old survivor stays the survivor when new data arrives. Slots: eval rows, then pool rows.
+    cand = np.flatnonzero(first)
+    cand = cand[np.lexsort((rids[cand], created[cand]))]
+    keys = np.concatenate([np.array(eval_keys, dtype="S32"), rids]) if n_eval else rids
+    del eval_keys
+    survivor_of = near_duplicates(near, sigs.path, band_hash, np.concatenate([np.arange(n_eval), n_eval + cand]), keys)
+    (sigs.path).unlink()
+    pool_survivor = survivor_of[n_eval:]
+    keep = np.zeros(len(rids), dtype=bool)
+    keep[cand] = True
+    for k in np.flatnonzero(keep & (pool_survivor >= 0)).tolist():
+        s = int(pool_survivor[k])
+        kind = "eval_overlap" if s < n_eval else "dedup_near"
+        drop(tids[k].decode(), kind, keys[s].decode(), kind=kind)
+        keep[k] = False
 
     # Mixing: each bucket fills at most its quota, in hash order; a short bucket is reported, not refilled.
-    by_bucket: dict[str, list[Candidate]] = {b: [] for b in params.ratios}
-    for c in keep.values():
-        by_bucket.setdefault(c.bucket, []).append(c)
-    selected: dict[str, str] = {}  # row id -> split
+    split_of = np.zeros(n_examples, dtype=np.uint8)  # by line: 0 not selected, 1 train, 2 val
     bucket_report = {}
-    for b, rows in sorted(by_bucket.items()):
+    # The configured buckets, and any other bucket that still has a row.
+    names = sorted(set(params.ratios) | {b for b, c in bucket_names.items() if (keep & (buckets == c)).any()})
+    for b in names:
+        code = bucket_names.get(b)
+        rows = np.flatnonzero(keep & (buckets == code)) if code is not None else np.zeros(0, dtype=np.int64)
         quota = round(params.ratios.get(b, 0.0) * params.target_examples)
-        rows.sort(key=lambda c: (unit_hash(params.seed, "mix", c.id), c.id))
-        for c in rows[quota:]:
-            drop(c.trace_id, "over_quota", kind="over_quota")
+        mix = np.array([unit_hash(params.seed, "mix", rids[k].decode()) for k in rows.tolist()], dtype=np.float64)
+        rows = rows[np.lexsort((rids[rows], mix))]
+        for k in rows[quota:].tolist():
+            drop(tids[k].decode(), "over_quota", kind="over_quota")
         chosen = rows[:quota]
-        for c in chosen:
-            split = "val" if unit_hash(params.seed, "split", c.id) < params.val_ratio else "train"
-            selected[c.id] = split
+        for k in chosen.tolist():
+            split = "val" if unit_hash(params.seed, "split", rids[k].decode()) < params.val_ratio else "train"
+            split_of[line_idx[k]] = 2 if split == "val" else 1
             fates[split] += 1
         bucket_report[b] = {"available": len(rows), "quota": quota, "selected": len(chosen),
                             "shortfall": max(quota - len(chosen), 0)}
+    del rids, tids, created, buckets, keys, band_hash, keep, line_idx
 
-    # Pass 3: write the splits in a stable order (by row id), rescanning every string as we go.
-    rescan = Counter()
+    # Pass 3: the selected rows (only those lines are parsed), rescanned as they are written.
     lengths = {"prompt_chars": [], "answer_chars": []}
     workflows, outcomes = Counter(), Counter()
-    rows_out: dict[str, list[bytes]] = {"train": [], "val": []}
-    for ex in read_jsonl(export_dir / "training-examples.jsonl"):
-        meta = _meta(ex)
-        rid = row_id(meta["messages"])
-        split = selected.get(rid)
-        if split is None or keep.get(rid) is None or keep[rid].trace_id != meta["source_trace_ids"][0]:
+    rows_out = {"train": SpillSort(tmp), "val": SpillSort(tmp)}
+    for j, raw in enumerate(_lines(export_dir / "training-examples.jsonl")):
+        code = split_of[j]
+        if not code:
             continue
-        row = SplitRow(id=rid, source=meta["source"], bucket=meta["bucket"], domain=meta["domain"],
-                       workflow=meta["workflow"], messages=meta["messages"], tools=meta.get("tools"),
-                       trace_id=meta["source_trace_ids"][0]).model_dump(mode="json", exclude_none=True)
-        rescan.update(_rescan(row, redactor, canaries))
+        ex = orjson.loads(raw)
+        meta = _meta(ex)
+        split_row = SplitRow(
+            id=row_id(meta["messages"]), source=meta["source"], bucket=meta["bucket"], domain=meta["domain"],
+            workflow=meta["workflow"], messages=meta["messages"], tools=meta.get("tools"),
+            trace_id=meta["source_trace_ids"][0]).model_dump(mode="json", exclude_none=True)
+        rescan.update(scan_row(split_row))
+        row = dumps(split_row)
         lengths["prompt_chars"].append(len(ex["input"]) + len(ex["instruction"]))
         lengths["answer_chars"].append(len(ex["output"]))
         workflows[f"{meta['domain']}/{meta['workflow']}"] += 1
         outcomes[meta.get("outcome", "unknown")] += 1
-        rows_out[split].append(dumps(row))
-    for r in eval_rows:
-        rescan.update(_rescan(r, redactor, canaries))
+        rows_out["train" if code == 1 else "val"].add(xxhash.xxh3_64_intdigest(row), row)
+    del split_of
+
+    # Each split in a stable order (by the row's xxh3_64, ties in input order), its digest as it goes.
     digests = {}
-    for name, rows in (("train", rows_out["train"]), ("val", rows_out["val"]),
-                       ("eval", [dumps(r) for r in eval_rows])):
-        rows.sort(key=lambda b: xxhash.xxh3_64_intdigest(b))  # stable order, independent of input order
+    for name, rows in (("train", rows_out["train"]), ("val", rows_out["val"]), ("eval", eval_rows)):
+        h = xxhash.xxh3_128()
         with atomic_open(out_dir / f"{name}.jsonl") as fh:
-            for b in rows:
+            for i, (_, b) in enumerate(rows):
+                if i:
+                    h.update(b"\n")
+                h.update(b)
                 fh.write(b + b"\n")
-        digests[name] = xxhash.xxh3_128_hexdigest(b"\n".join(rows))
-    excl.sort(key=lambda e: (e["reason"], e["trace_id"]))
+        digests[name] = h.hexdigest()
     with atomic_open(out_dir / "rejects.jsonl") as fh:
-        for e in excl:
-            fh.write(dumps(e) + b"\n")
+        for _, line in excl:
+            fh.write(line + b"\n")
 
     redact_rejects = sum(1 for r in read_jsonl(rejects_path) if r["line"] > 0)
     raw_rows = stats["traces"] + redact_rejects
@@ -293,11 +519,50 @@ def build(traces_path: Path, rejects_path: Path, export_dir: Path, out_dir: Path
         raise RuntimeError(f"accounting broken: {acc}")
     return {"accounting": acc, "fates": fates, "filtered": filtered, "ineligible": ineligible, "stats": stats,
             "buckets": bucket_report, "digests": digests, "rescan": rescan, "lengths": lengths,
-            "workflows": workflows, "outcomes": outcomes, "n_eval": len(eval_rows),
+            "workflows": workflows, "outcomes": outcomes, "n_eval": n_eval,
             "files": dict(sorted(files.items()))}
 
 
+def _lines(path: Path) -> Iterator[bytes]:
+    """The non-blank lines of a pipeline JSONL file, raw (parsed only where needed)."""
+    for _, raw in iter_lines(path):
+        yield raw
+
+
+class _RowScanner:
+    """The rescan of one output row: scan_text over each of its strings, counted per string.
+
+    The strings are joined with the detectors' batch separator and scanned once (as redact does with
+    redact_many): no finding crosses the separator, so each finding belongs to one string and the
+    counts equal a scan per string. Canaries, when any are set, are still checked string by string.
+    """
+
+    def __init__(self, redactor: Redactor, canaries: Canaries):
+        self.redactor, self.canaries = redactor, canaries
+
+    def __call__(self, row: dict) -> Counter:
+        texts = list(strings(row))
+        found: Counter = Counter()
+        hits = self.redactor.scan(_BATCH_SEP.join(texts))
+        if hits:
+            starts, pos = [], 0
+            for t in texts:
+                starts.append(pos)
+                pos += len(t) + len(_BATCH_SEP)
+            per: dict[int, set[str]] = {}
+            for f in hits:
+                per.setdefault(bisect.bisect_right(starts, f.start) - 1, set()).add(f.detector)
+            for dets in per.values():
+                found.update(dets)
+        if self.canaries:
+            for t in texts:
+                if self.canaries.find(t):
+                    found["canary"] += 1
+        return found
+
+
 def _rescan(row: dict, redactor: Redactor, canaries: Canaries) -> Counter:
+    """The per-string reference that _RowScanner must equal."""
     found: Counter = Counter()
     for s in strings(row):
         found.update(scan_text(s, redactor, canaries))

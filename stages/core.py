@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import heapq
 import os
+import pickle
 import re
 import shutil
 import tempfile
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
 
@@ -210,3 +213,56 @@ def safe_name(name: str) -> str:
         # Keep distinct inputs distinct after slugging, e.g. '../x' vs 'x'.
         slug = f"{slug or 'unnamed'}-{xxhash.xxh3_64_hexdigest(str(name).encode())[:8]}"
     return slug
+
+
+class SpillSort:
+    """Sort (key, bytes) records with bounded memory: sorted runs spill to temp files, merged on read.
+
+    Records are buffered until about `budget` bytes, then sorted and written to a run file in
+    `tmp_dir` (which the caller owns and removes). Iterating yields every record in key order; ties
+    keep insertion order (stable sort within a run, runs merged in the order they were written), so
+    the result equals `sorted(records, key=itemgetter(0))` whatever the budget.
+    """
+
+    def __init__(self, tmp_dir: str | os.PathLike, budget: int = 32 << 20):
+        self._dir, self._budget = Path(tmp_dir), budget
+        self._buf: list[tuple[Any, bytes]] = []
+        self._size = 0
+        self._runs: list[Path] = []
+        self.count = 0
+
+    def add(self, key: Any, data: bytes) -> None:
+        # A copy: orjson.dumps returns bytes that keep its whole write buffer allocated (4 KB for a
+        # 60-byte line), which held by the hundred thousand is most of the memory.
+        self._buf.append((key, bytes(memoryview(data))))
+        self._size += len(data) + 200  # + the tuple, the key and the bytes object's own header
+        self.count += 1
+        if self._size >= self._budget:
+            self._spill()
+
+    def _spill(self) -> None:
+        self._buf.sort(key=itemgetter(0))
+        fd, name = tempfile.mkstemp(prefix="run.", suffix=".tmp", dir=self._dir)
+        with os.fdopen(fd, "wb", buffering=1 << 20) as fh:
+            for item in self._buf:
+                pickle.dump(item, fh, protocol=pickle.HIGHEST_PROTOCOL)  # one object each: no memo to grow
+        self._runs.append(Path(name))
+        self._buf, self._size = [], 0
+
+    @staticmethod
+    def _read(path: Path) -> Iterator[tuple[Any, bytes]]:
+        with open(path, "rb", buffering=1 << 20) as fh:
+            while True:
+                try:
+                    yield pickle.load(fh)
+                except EOFError:
+                    return
+
+    def __iter__(self) -> Iterator[tuple[Any, bytes]]:
+        if not self._runs:  # everything fitted: no files at all
+            self._buf.sort(key=itemgetter(0))
+            return iter(self._buf)
+        if self._buf:
+            self._spill()
+        # heapq.merge breaks key ties by run index: earlier runs (earlier records) first.
+        return heapq.merge(*(self._read(p) for p in self._runs), key=itemgetter(0))
