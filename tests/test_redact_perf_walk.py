@@ -7,7 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stages.detectors import _BATCH_SEP, Placeholders, Redactor
-from stages.redact import _arguments_json, _arguments_text, _collect, _decode, _literals, _rebuild, redact_fields
+from stages.redact import (CleanCache, _arguments_json, _arguments_text, _collect, _decode, _literals, _rebuild,
+                           redact_fields)
 
 # Strings that stress the split: quotes, backslashes before quotes, control chars, non-ASCII, NUL,
 # placeholders, and secrets so that the found/rebuild path runs too.
@@ -37,7 +38,8 @@ def test_literals_give_the_walk_strings(obj):
     obj = orjson.loads(orjson.dumps(obj))  # what the stage sees: orjson-made values
     texts = []
     _collect(obj, texts)
-    lits, hidden = _literals(obj)
+    lits, hidden, lt = _literals(obj)
+    assert lt == any("<" in t for t in texts)
     assert len(lits) == len(texts)
     if not texts:
         return  # the stage decodes only for >= 2 strings
@@ -72,3 +74,31 @@ def test_redact_fields_finds_secrets_in_keys_and_arguments():
     blob = orjson.dumps(out)
     assert b"example.com" not in blob and b"example.org" not in blob
     assert counts["email"] == 3
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.lists(st.tuples(text, text), min_size=1, max_size=6))
+def test_clean_cache_changes_nothing(pairs):
+    # One cache across records, as in a worker: strings seen clean earlier are not scanned again,
+    # and every record must still come out exactly as without the cache.
+    cache = CleanCache(max_entries=8)  # small, so that clearing is exercised too
+    for content, note in pairs:
+        fields = orjson.loads(orjson.dumps({
+            "format": "openai", "review": {"status": "unknown", "notes": note},
+            "messages": [{"role": "user", "content": content}, {"role": "assistant", "content": note}],
+            "tools": None, "extra": {content: note}}))
+        got = redact_fields(copy.deepcopy(fields), REDACTOR, cache)
+        want = redact_fields(copy.deepcopy(fields), REDACTOR)
+        assert orjson.dumps(got[0]) == orjson.dumps(want[0]) and got[1] == want[1]
+
+
+def test_clean_cache_keeps_only_clean_strings():
+    cache = CleanCache()
+    fields = {"format": "openai", "messages": [{"role": "user", "content": "mail bob@example.com"}], "extra": {}}
+    redact_fields(copy.deepcopy(fields), REDACTOR, cache)
+    assert not cache.clean  # a trace with a finding adds nothing
+    clean = {"format": "openai", "messages": [{"role": "user", "content": "hello there"}], "extra": {}}
+    redact_fields(copy.deepcopy(clean), REDACTOR, cache)
+    assert b"hello there" in cache.clean
+    out, counts = redact_fields(copy.deepcopy(fields), REDACTOR, cache)
+    assert "bob@example.com" not in orjson.dumps(out).decode() and counts["email"] == 1
