@@ -92,6 +92,10 @@ def _redaction_status(trace: dict) -> str:
     return "passed"
 
 
+def _str_or_none(val: Any) -> str | None:
+    return val if isinstance(val, str) else None
+
+
 def trace_record(trace: dict) -> dict:
     extra = trace["extra"]
     review = {"status": trace["review"]["status"]}
@@ -100,37 +104,55 @@ def trace_record(trace: dict) -> dict:
     if trace["review"].get("edit_distance_estimate"):
         review["edit_distance_estimate"] = trace["review"]["edit_distance_estimate"]
     target_use = _strs(extra.get("target_use")) or ["retrieval", "eval"] + (["fine_tune_candidate"] if trace["trainable"] else [])
-    rec = TraceRecord(
+    fields = dict(
         id=trace["id"], created_at=trace.get("created_at") or EPOCH, project=trace["project"],
-        domain=trace["domain"], workflow=trace["workflow"],
-        skill=extra.get("skill") if isinstance(extra.get("skill"), str) else None,
-        host=trace["source"], model_used=extra.get("model_used") if isinstance(extra.get("model_used"), str) else None,
-        input_summary=extra.get("input_summary") if isinstance(extra.get("input_summary"), str) else None,
+        domain=trace["domain"], workflow=trace["workflow"], skill=_str_or_none(extra.get("skill")),
+        host=trace["source"], model_used=_str_or_none(extra.get("model_used")),
+        input_summary=_str_or_none(extra.get("input_summary")),
         input_hash=content_id(render(prompt_messages(trace), ("system", "user", "assistant", "tool"))),
         pii_level=_pii_level(trace), redaction_status=_redaction_status(trace),
         context_tokens_before=_num(extra.get("context_tokens_before")),
         context_tokens_after=_num(extra.get("context_tokens_after")),
-        output_summary=extra.get("output_summary") if isinstance(extra.get("output_summary"), str) else None,
+        output_summary=_str_or_none(extra.get("output_summary")),
         human_review=review, eval_tags=_strs(extra.get("eval_tags")), failure_modes=_strs(extra.get("failure_modes")),
         trainable=trace["trainable"], target_use=target_use,
         model_target=extra.get("model_target") if isinstance(extra.get("model_target"), dict) else None,
         source_run_id_hash=trace.get("source_run_id_hash"),
     )
-    return rec.model_dump(mode="json", exclude_none=True)
+    if all(type(fields[k]) is str for k in _TRACE_RECORD_STRS) and type(fields["trainable"]) is bool \
+            and type(fields["source_run_id_hash"]) in (str, type(None)):
+        # Already what TraceRecord(...).model_dump(mode="json", exclude_none=True) returns (the other
+        # fields are typed by the helpers above; tests/test_stream_export.py checks the two agree):
+        # skip pydantic's validate + dump, half of this function's cost.
+        out = {k: v for k, v in fields.items() if v is not None}
+        out["raw_input_stored"] = False
+        return out
+    return TraceRecord(**fields).model_dump(mode="json", exclude_none=True)  # the model decides: coerce or fail
+
+
+_TRACE_RECORD_STRS = ("id", "created_at", "project", "domain", "workflow", "host", "input_hash", "pii_level",
+                      "redaction_status")
 
 
 def training_example(trace: dict) -> dict:
-    ex = TrainingExample(
-        instruction=instruction_of(trace), context="", input=render(prompt_messages(trace)), output=answer(trace),
-        metadata={
-            "domain": trace["domain"], "workflow": trace["workflow"], "source_trace_ids": [trace["id"]],
-            # build_dataset assigns train/val; "train" here means the training pool, never the eval hold-out.
-            "split": "train", "pii_level": _pii_level(trace), "trainable": True,
-            "bucket": trace["bucket"], "source": trace["source"], "outcome": trace["outcome"],
-            "messages": trace["messages"], **({"tools": trace["tools"]} if trace.get("tools") else {}),
-        },
-    )
-    return ex.model_dump(mode="json", exclude_none=True)
+    meta = {
+        "domain": trace["domain"], "workflow": trace["workflow"], "source_trace_ids": [trace["id"]],
+        # build_dataset assigns train/val; "train" here means the training pool, never the eval hold-out.
+        "split": "train", "pii_level": _pii_level(trace), "trainable": True,
+        "bucket": trace["bucket"], "source": trace["source"], "outcome": trace["outcome"],
+        "messages": trace["messages"], **({"tools": trace["tools"]} if trace.get("tools") else {}),
+    }
+    ex = {"instruction": instruction_of(trace), "context": "", "input": render(prompt_messages(trace)),
+          "output": answer(trace), "metadata": meta}
+    if type(ex["output"]) is str and all(type(meta[k]) is str for k in _EXAMPLE_META_STRS) \
+            and type(trace["id"]) is str and type(meta["messages"]) is list:
+        # Already TrainingExample's dump (mode="json", exclude_none=True): the metadata's extra fields
+        # are passed through as they are, so skip the model's validate + dump of every message.
+        return ex
+    return TrainingExample(**ex).model_dump(mode="json", exclude_none=True)  # the model decides: coerce or fail
+
+
+_EXAMPLE_META_STRS = ("domain", "workflow", "pii_level", "bucket", "source", "outcome")
 
 
 def expected_behavior(reference: str) -> list[str]:
@@ -247,11 +269,21 @@ def _newest(stamps: Iterable[str]) -> str:
     return best_s
 
 
+def _aware(stamp: Any) -> datetime | None:
+    """The timezone-aware datetime of an ISO stamp, or None (what _newest skips)."""
+    try:
+        dt = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except (ValueError, AttributeError):
+        return None
+    return dt if dt.tzinfo is not None else None
+
+
 def export(traces: Iterable[dict], out: Path, params: ExportParams) -> dict:
     """One streaming pass writes the JSONL artifacts; aggregates build cards and metrics."""
     wfs: dict[tuple[str, str], _Workflow] = {}
     totals: Counter = Counter()
     tokens_before, tokens_after, newest = [], [], EPOCH
+    newest_dt = _aware(EPOCH)
     approved_set = set(params.approved_statuses)
     with (open(out / "trace-records.jsonl", "wb") as f_tr, open(out / "training-examples.jsonl", "wb") as f_te,
           open(out / "eval-cases.jsonl", "wb") as f_ev):
@@ -262,7 +294,9 @@ def export(traces: Iterable[dict], out: Path, params: ExportParams) -> dict:
             totals["total"] += 1
             f_tr.write(dumps(trace_record(t)) + b"\n")
             if t.get("created_at"):
-                newest = _newest([newest, t["created_at"]])
+                dt = _aware(t["created_at"])
+                if dt is not None and dt > newest_dt:  # _newest([newest, created_at]), parsing newest once
+                    newest, newest_dt = t["created_at"], dt
             approved = t["review"]["status"] in approved_set
             totals["accepted"] += approved
             totals["redaction_passed"] += _redaction_status(t) == "passed"
