@@ -1,0 +1,106 @@
+"""export's direct dict building equals the pydantic models' dumps it replaced (and falls back to them)."""
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from schemas.params import RedactParams
+from schemas.records import TraceRecord, TrainingExample
+from stages import export, redact
+from stages.core import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _model_trace_record(trace: dict) -> dict:
+    """trace_record as it was: every record through TraceRecord."""
+    E = export
+    extra = trace["extra"]
+    review = {"status": trace["review"]["status"]}
+    if trace["review"].get("notes"):
+        review["review_notes"] = trace["review"]["notes"]
+    if trace["review"].get("edit_distance_estimate"):
+        review["edit_distance_estimate"] = trace["review"]["edit_distance_estimate"]
+    target_use = E._strs(extra.get("target_use")) or ["retrieval", "eval"] + (["fine_tune_candidate"] if trace["trainable"] else [])
+    return TraceRecord(
+        id=trace["id"], created_at=trace.get("created_at") or E.EPOCH, project=trace["project"],
+        domain=trace["domain"], workflow=trace["workflow"],
+        skill=extra.get("skill") if isinstance(extra.get("skill"), str) else None,
+        host=trace["source"], model_used=extra.get("model_used") if isinstance(extra.get("model_used"), str) else None,
+        input_summary=extra.get("input_summary") if isinstance(extra.get("input_summary"), str) else None,
+        input_hash=E.content_id(E.render(E.prompt_messages(trace), ("system", "user", "assistant", "tool"))),
+        pii_level=E._pii_level(trace), redaction_status=E._redaction_status(trace),
+        context_tokens_before=E._num(extra.get("context_tokens_before")),
+        context_tokens_after=E._num(extra.get("context_tokens_after")),
+        output_summary=extra.get("output_summary") if isinstance(extra.get("output_summary"), str) else None,
+        human_review=review, eval_tags=E._strs(extra.get("eval_tags")), failure_modes=E._strs(extra.get("failure_modes")),
+        trainable=trace["trainable"], target_use=target_use,
+        model_target=extra.get("model_target") if isinstance(extra.get("model_target"), dict) else None,
+        source_run_id_hash=trace.get("source_run_id_hash"),
+    ).model_dump(mode="json", exclude_none=True)
+
+
+def _model_training_example(trace: dict) -> dict:
+    E = export
+    return TrainingExample(
+        instruction=E.instruction_of(trace), context="", input=E.render(E.prompt_messages(trace)), output=E.answer(trace),
+        metadata={
+            "domain": trace["domain"], "workflow": trace["workflow"], "source_trace_ids": [trace["id"]],
+            "split": "train", "pii_level": E._pii_level(trace), "trainable": True,
+            "bucket": trace["bucket"], "source": trace["source"], "outcome": trace["outcome"],
+            "messages": trace["messages"], **({"tools": trace["tools"]} if trace.get("tools") else {}),
+        },
+    ).model_dump(mode="json", exclude_none=True)
+
+
+@pytest.fixture(scope="module")
+def traces(tmp_path_factory) -> list[dict]:
+    from tests.conftest import TEST_KEY
+
+    tmp = tmp_path_factory.mktemp("snap")
+    shutil.copytree(ROOT / "examples/snapshot", tmp / "raw")
+    redact.run(tmp / "raw", tmp / "traces.jsonl", tmp / "rejects.jsonl", RedactParams(workers=1), TEST_KEY)
+    return list(read_jsonl(tmp / "traces.jsonl"))
+
+
+def _same(fast, model, trace: dict) -> None:
+    try:
+        want = model(copy.deepcopy(trace))
+    except ValidationError:
+        with pytest.raises(ValidationError):
+            fast(copy.deepcopy(trace))
+        return
+    assert fast(copy.deepcopy(trace)) == want
+
+
+def test_fast_records_equal_the_models_on_the_example_snapshot(traces):
+    assert len(traces) > 500
+    for t in traces:
+        _same(export.trace_record, _model_trace_record, t)
+        if t["trainable"]:
+            _same(export.training_example, _model_training_example, t)
+
+
+def test_off_type_values_go_through_the_model(traces):
+    t0 = next(t for t in traces if t["trainable"] and t.get("tools"))
+    variants = []
+    for field, value in [("project", None), ("project", 7), ("domain", 1.5), ("source", None), ("trainable", "true"),
+                         ("trainable", 1), ("source_run_id_hash", 12), ("source_run_id_hash", None), ("created_at", ""),
+                         ("outcome", None), ("bucket", 3), ("id", 5)]:
+        t = copy.deepcopy(t0)
+        t[field] = value
+        variants.append(t)
+    t = copy.deepcopy(t0)
+    t["extra"] = {"skill": 3, "model_used": "m", "context_tokens_before": True, "context_tokens_after": 2,
+                  "model_target": {"a": None}, "eval_tags": ["x", 1], "target_use": "no"}
+    variants.append(t)
+    t = copy.deepcopy(t0)
+    t["messages"][-1]["content"] = None  # an answer that is no string
+    variants.append(t)
+    for t in variants:
+        _same(export.trace_record, _model_trace_record, t)
+        _same(export.training_example, _model_training_example, t)
