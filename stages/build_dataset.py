@@ -7,13 +7,15 @@ survivor, over quota, train or val); the stage fails if that accounting does not
 from __future__ import annotations
 
 import argparse
+import os
 from array import array
 import bisect
 import re
 import tempfile
 from collections import Counter
+from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import orjson
@@ -22,8 +24,8 @@ from datasketch import MinHashLSH
 
 from schemas.params import BuildDatasetParams, RedactParams
 from schemas.records import DatasetManifest, SplitRow
-from stages.core import (SpillSort, atomic_open, content_id, dumps, iter_lines, load_params, read_jsonl, unit_hash,
-                         write_json)
+from stages.core import (SpillSort, atomic_open, block_lines, content_id, dumps, line_blocks, load_params,
+                         read_jsonl, unit_hash, write_json)
 from stages.detectors import _BATCH_SEP, Redactor
 from stages.leaks import Canaries, scan_text, strings
 
@@ -271,31 +273,22 @@ class _Sigs:
     def __init__(self, near: NearDedup, path: Path):
         self.near, self.path = near, path
         self._fh = open(path, "wb", buffering=1 << 20)
-        self._pending: list[np.ndarray] = []
         self._band_hash: list[np.ndarray] = []
         self.n = 0
         # Multipliers of a polynomial hash of each band's r values (collisions are checked later).
         self._mult = np.random.RandomState(2).randint(1, 1 << 62, near.r, dtype=np.uint64) | np.uint64(1)
 
-    def add(self, messages: list[dict]) -> int:
-        self._pending.append(shingle_hashes(messages, self.near.n))
-        self.n += 1
-        if len(self._pending) >= 1024:
-            self._flush()
-        return self.n - 1
-
-    def _flush(self) -> None:
-        if not self._pending:
+    def add(self, sig: np.ndarray) -> None:
+        """Append signature rows (the next slots)."""
+        if len(sig) == 0:
             return
-        sig = self.near.signatures(self._pending)
-        self._pending = []
-        self._fh.write(sig.tobytes())
+        self.n += len(sig)
+        self._fh.write(np.ascontiguousarray(sig, dtype=np.uint32).tobytes())
         r = self.near.r
         bands = sig[:, :self.near.b * r].astype(np.uint64).reshape(len(sig), self.near.b, r)
         self._band_hash.append((bands * self._mult).sum(axis=2, dtype=np.uint64))
 
     def close(self) -> np.ndarray:
-        self._flush()
         self._fh.close()
         return np.concatenate(self._band_hash) if self._band_hash else np.zeros((0, self.near.b), dtype=np.uint64)
 
@@ -321,20 +314,36 @@ class _Column:
 
 
 def build(traces_path: Path, rejects_path: Path, export_dir: Path, out_dir: Path,
-          params: BuildDatasetParams, redactor: Redactor, canaries: Canaries | None = None) -> dict[str, Any]:
+          params: BuildDatasetParams, redactor: Redactor, canaries: Canaries | None = None,
+          workers: int = 1) -> dict[str, Any]:
     """Two streaming passes over the inputs with compact per-row state, then one more over the
     training examples that parses only the selected rows. Rows, the exclusion log and the outputs
     go through temp files (SpillSort), so memory stays flat as the snapshot grows."""
     canaries = canaries or Canaries()
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".build_dataset.", dir=out_dir) as tmp:
-        return _build(traces_path, rejects_path, export_dir, out_dir, params, redactor, canaries, Path(tmp))
+    eval_at = _eval_offsets(export_dir / "eval-cases.jsonl")
+    init = (params, redactor, canaries, eval_at, str(export_dir / "eval-cases.jsonl"))
+    pool = None
+    try:
+        if workers > 1:
+            # Rows are parsed, filtered, keyed, signed and rescanned in worker processes, a block of
+            # whole lines each; imap keeps block order, and every order-dependent decision (exact
+            # dedup, signature slots, fates) stays in this process, so the outputs don't depend on
+            # the worker count or timing. Forked before any per-row state exists: small workers.
+            pool = get_context("fork").Pool(workers, initializer=_init_worker, initargs=init)
+            run = pool.imap
+        else:
+            _init_worker(*init)
+            run = map
+        with tempfile.TemporaryDirectory(prefix=".build_dataset.", dir=out_dir) as tmp:
+            return _build(traces_path, rejects_path, export_dir, out_dir, params, eval_at, run, Path(tmp))
+    finally:
+        if pool is not None:
+            pool.terminate()
 
 
 def _build(traces_path: Path, rejects_path: Path, export_dir: Path, out_dir: Path, params: BuildDatasetParams,
-           redactor: Redactor, canaries: Canaries, tmp: Path) -> dict[str, Any]:
-    eval_path = export_dir / "eval-cases.jsonl"
-    eval_at = _eval_offsets(eval_path)
+           eval_at: dict[str, int], run: Callable, tmp: Path) -> dict[str, Any]:
     fates: Counter = Counter()
     filtered: Counter = Counter()
     ineligible: Counter = Counter()
@@ -349,8 +358,6 @@ def _build(traces_path: Path, rejects_path: Path, export_dir: Path, out_dir: Pat
     near = NearDedup(params)
     sigs = _Sigs(near, tmp / "signatures.bin")
     rescan: Counter = Counter()
-    scan_row = _RowScanner(redactor, canaries)
-
     # Pass 1 over traces: the ones that can't train, and the eval rows (which take dedup priority).
     # Eval rows are written out as they come (sorted later); their signatures take slots 0..E-1.
     eval_rids: set[str] = set()
@@ -358,46 +365,35 @@ def _build(traces_path: Path, rejects_path: Path, export_dir: Path, out_dir: Pat
     eval_rows = SpillSort(tmp)
     stats = Counter()
     files: dict[str, dict[str, Any]] = {}
-    with open(eval_path, "rb") as eval_fh:
-        for t in read_jsonl(traces_path):
+    for out, sig in run(_traces_block, line_blocks(traces_path)):
+        taken = []
+        for r in out:
+            (source_file, bucket, redacted, redactions, tid), kind = r[0], r[1]
             stats["traces"] += 1
-            f = files.get(t["source_file"]) or files.setdefault(t["source_file"], {"bucket": t["bucket"], "traces": 0})
+            f = files.get(source_file) or files.setdefault(source_file, {"bucket": bucket, "traces": 0})
             f["traces"] += 1
-            stats["rows_with_redactions"] += bool(t["redactions"])
-            stats["redactions_applied"] += sum(t["redactions"].values())
-            if not t["trainable"]:
+            stats["rows_with_redactions"] += redacted
+            stats["redactions_applied"] += redactions
+            if kind == "ineligible":
                 fates["ineligible"] += 1
-                ineligible[t["ineligible"][0]] += 1
-                reason = f"ineligible:{','.join(t['ineligible'])}"
-                excl.add((reason, t["id"]), dumps({"trace_id": t["id"], "reason": reason}))
-                continue
-            pos = eval_at.get(t["id"])
-            if pos is None:
-                continue
-            reason = quality_reason(t["messages"], t["outcome"], params)
-            if reason:
-                drop(t["id"], f"eval_{reason}")
-                continue
-            rid = row_id(t["messages"])
-            if rid in eval_rids:
-                drop(t["id"], "eval_duplicate", rid, kind="dedup_exact")
-                continue
-            eval_rids.add(rid)
-            eval_keys.append(rid)
-            sigs.add(t["messages"])
-            fates["eval"] += 1
-            eval_fh.seek(pos)
-            case = orjson.loads(eval_fh.readline())
-            split_row = SplitRow(
-                id=rid, source=t["source"], bucket=t["bucket"], domain=t["domain"], workflow=t["workflow"],
-                messages=t["messages"], tools=t.get("tools"), trace_id=t["id"], eval_case_id=case["id"],
-                expected_behavior=case["expected_behavior"], forbidden_behavior=case["forbidden_behavior"],
-            ).model_dump(mode="json", exclude_none=True)
-            rescan.update(scan_row(split_row))
-            row = dumps(split_row)
-            eval_rows.add(xxhash.xxh3_64_intdigest(row), row)
+                ineligible[r[2][0]] += 1
+                reason = f"ineligible:{','.join(r[2])}"
+                excl.add((reason, tid), dumps({"trace_id": tid, "reason": reason}))
+            elif kind == "filtered":
+                drop(tid, f"eval_{r[2]}")
+            elif kind == "eval":
+                _, _, rid, row, found, k = r
+                if rid in eval_rids:
+                    drop(tid, "eval_duplicate", rid, kind="dedup_exact")
+                    continue
+                eval_rids.add(rid)
+                eval_keys.append(rid)
+                taken.append(k)
+                fates["eval"] += 1
+                rescan.update(found)
+                eval_rows.add(xxhash.xxh3_64_intdigest(row), row)
+        sigs.add(sig[taken])
     n_eval_cases = len(eval_at)
-    del eval_at
 
     # Pass 2 over the training pool: filters, eval overlap, and the compact columns of every row that
     # passed them. Exact duplicates among these are found afterwards, over the whole column at once.
@@ -406,24 +402,29 @@ def _build(traces_path: Path, rejects_path: Path, export_dir: Path, out_dir: Pat
     bucket_names: dict[str, int] = {}
     bucket_code = bytearray()
     n_examples = 0
-    for j, raw in enumerate(_lines(export_dir / "training-examples.jsonl")):
-        n_examples += 1
-        meta = _meta(orjson.loads(raw))
-        tid = meta["source_trace_ids"][0]
-        reason = quality_reason(meta["messages"], meta.get("outcome", "unknown"), params)
-        if reason:
-            drop(tid, reason)
-            continue
-        rid = row_id(meta["messages"])
-        if rid in eval_rids:
-            drop(tid, "eval_overlap", rid, kind="eval_overlap")
-            continue
-        rid_col.append(rid.encode())
-        tid_col.append(tid.encode())
-        created_col.append((meta.get("created_at") or "").encode())
-        bucket_code.append(bucket_names.setdefault(meta["bucket"], len(bucket_names)))
-        line_no.append(j)
-        sigs.add(meta["messages"])
+    blocks = list(line_blocks(export_dir / "training-examples.jsonl"))
+    block_rows = []  # rows (non-blank lines) of each block, to hand pass 3 its slice of split_of
+    for out, sig in run(_examples_block, blocks):
+        block_rows.append(len(out))
+        taken = []
+        for r in out:
+            j = n_examples
+            n_examples += 1
+            tid, reason = r[0], r[1]
+            if reason:
+                drop(tid, reason)
+                continue
+            _, _, rid, bucket, created, k = r
+            if rid in eval_rids:
+                drop(tid, "eval_overlap", rid, kind="eval_overlap")
+                continue
+            rid_col.append(rid.encode())
+            tid_col.append(tid.encode())
+            created_col.append(created.encode())
+            bucket_code.append(bucket_names.setdefault(bucket, len(bucket_names)))
+            line_no.append(j)
+            taken.append(k)
+        sigs.add(sig[taken])
     line_idx = np.frombuffer(line_no, dtype=np.int64)
     if n_examples + n_eval_cases != stats["traces"] - fates["ineligible"]:
         raise RuntimeError(f"export and redact disagree: {n_examples} examples + {n_eval_cases} eval cases "
@@ -483,23 +484,20 @@ def _build(traces_path: Path, rejects_path: Path, export_dir: Path, out_dir: Pat
     lengths = {"prompt_chars": [], "answer_chars": []}
     workflows, outcomes = Counter(), Counter()
     rows_out = {"train": SpillSort(tmp), "val": SpillSort(tmp)}
-    for j, raw in enumerate(_lines(export_dir / "training-examples.jsonl")):
-        code = split_of[j]
-        if not code:
-            continue
-        ex = orjson.loads(raw)
-        meta = _meta(ex)
-        split_row = SplitRow(
-            id=row_id(meta["messages"]), source=meta["source"], bucket=meta["bucket"], domain=meta["domain"],
-            workflow=meta["workflow"], messages=meta["messages"], tools=meta.get("tools"),
-            trace_id=meta["source_trace_ids"][0]).model_dump(mode="json", exclude_none=True)
-        rescan.update(scan_row(split_row))
-        row = dumps(split_row)
-        lengths["prompt_chars"].append(len(ex["input"]) + len(ex["instruction"]))
-        lengths["answer_chars"].append(len(ex["output"]))
-        workflows[f"{meta['domain']}/{meta['workflow']}"] += 1
-        outcomes[meta.get("outcome", "unknown")] += 1
-        rows_out["train" if code == 1 else "val"].add(xxhash.xxh3_64_intdigest(row), row)
+    tasks, j0 = [], 0
+    for block, n in zip(blocks, block_rows):
+        codes = split_of[j0:j0 + n]
+        j0 += n
+        if codes.any():
+            tasks.append((block, codes.tobytes()))
+    for out in run(_selected_block, tasks):
+        for code, row, found, prompt_chars, answer_chars, workflow, outcome in out:
+            rescan.update(found)
+            lengths["prompt_chars"].append(prompt_chars)
+            lengths["answer_chars"].append(answer_chars)
+            workflows[workflow] += 1
+            outcomes[outcome] += 1
+            rows_out["train" if code == 1 else "val"].add(xxhash.xxh3_64_intdigest(row), row)
     del split_of
 
     # Each split in a stable order (by the row's xxh3_64, ties in input order), its digest as it goes.
@@ -529,10 +527,87 @@ def _build(traces_path: Path, rejects_path: Path, export_dir: Path, out_dir: Pat
             "files": dict(sorted(files.items()))}
 
 
-def _lines(path: Path) -> Iterator[bytes]:
-    """The non-blank lines of a pipeline JSONL file, raw (parsed only where needed)."""
-    for _, raw in iter_lines(path):
-        yield raw
+# ---------------------------------------------------------------- per-block work (worker processes)
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(params: BuildDatasetParams, redactor: Redactor, canaries: Canaries, eval_at: dict[str, int],
+                 eval_path: str) -> None:
+    _WORKER.update(params=params, near=NearDedup(params), scan_row=_RowScanner(redactor, canaries),
+                   eval_at=eval_at, eval_path=eval_path)
+
+
+def _traces_block(block: tuple[str, int, int]) -> tuple[list[tuple], np.ndarray]:
+    """Pass 1 on a block of traces: per trace ((source file, bucket, redactions, id), kind, ...) where
+    kind is "ineligible" (+ reasons), None (in the training pool), "filtered" (+ reason) or "eval"
+    (+ row id, the row's line, its rescan, its signature's index); and the eval rows' signatures."""
+    params, near, scan_row, eval_at = (_WORKER[k] for k in ("params", "near", "scan_row", "eval_at"))
+    out: list[tuple] = []
+    hashes: list[np.ndarray] = []
+    with open(_WORKER["eval_path"], "rb") as eval_fh:
+        for raw in block_lines(*block):
+            t = orjson.loads(raw)
+            info = (t["source_file"], t["bucket"], bool(t["redactions"]), sum(t["redactions"].values()), t["id"])
+            if not t["trainable"]:
+                out.append((info, "ineligible", t["ineligible"]))
+                continue
+            pos = eval_at.get(t["id"])
+            if pos is None:
+                out.append((info, None))
+                continue
+            reason = quality_reason(t["messages"], t["outcome"], params)
+            if reason:
+                out.append((info, "filtered", reason))
+                continue
+            rid = row_id(t["messages"])
+            eval_fh.seek(pos)
+            case = orjson.loads(eval_fh.readline())
+            split_row = SplitRow(
+                id=rid, source=t["source"], bucket=t["bucket"], domain=t["domain"], workflow=t["workflow"],
+                messages=t["messages"], tools=t.get("tools"), trace_id=t["id"], eval_case_id=case["id"],
+                expected_behavior=case["expected_behavior"], forbidden_behavior=case["forbidden_behavior"],
+            ).model_dump(mode="json", exclude_none=True)
+            out.append((info, "eval", rid, dumps(split_row), scan_row(split_row), len(hashes)))
+            hashes.append(shingle_hashes(t["messages"], near.n))
+    return out, near.signatures(hashes)
+
+
+def _examples_block(block: tuple[str, int, int]) -> tuple[list[tuple], np.ndarray]:
+    """Pass 2 on a block of training examples: per example (trace id, filter reason) or
+    (trace id, None, row id, bucket, created_at, its signature's index); and the signatures."""
+    params, near = _WORKER["params"], _WORKER["near"]
+    out: list[tuple] = []
+    hashes: list[np.ndarray] = []
+    for raw in block_lines(*block):
+        meta = _meta(orjson.loads(raw))
+        tid = meta["source_trace_ids"][0]
+        reason = quality_reason(meta["messages"], meta.get("outcome", "unknown"), params)
+        if reason:
+            out.append((tid, reason))
+            continue
+        out.append((tid, None, row_id(meta["messages"]), meta["bucket"], meta.get("created_at") or "", len(hashes)))
+        hashes.append(shingle_hashes(meta["messages"], near.n))
+    return out, near.signatures(hashes)
+
+
+def _selected_block(task: tuple[tuple[str, int, int], bytes]) -> list[tuple]:
+    """Pass 3 on a block of training examples and its split codes (0 not selected, 1 train, 2 val):
+    per selected example (code, its row's line, rescan, prompt chars, answer chars, workflow, outcome)."""
+    block, codes = task
+    scan_row = _WORKER["scan_row"]
+    out = []
+    for code, raw in zip(codes, block_lines(*block)):
+        if not code:
+            continue
+        ex = orjson.loads(raw)
+        meta = _meta(ex)
+        split_row = SplitRow(
+            id=row_id(meta["messages"]), source=meta["source"], bucket=meta["bucket"], domain=meta["domain"],
+            workflow=meta["workflow"], messages=meta["messages"], tools=meta.get("tools"),
+            trace_id=meta["source_trace_ids"][0]).model_dump(mode="json", exclude_none=True)
+        out.append((code, dumps(split_row), scan_row(split_row), len(ex["input"]) + len(ex["instruction"]),
+                    len(ex["output"]), f"{meta['domain']}/{meta['workflow']}", meta.get("outcome", "unknown")))
+    return out
 
 
 class _RowScanner:
@@ -665,8 +740,10 @@ def main(argv: list[str] | None = None) -> None:
     rp = load_params(args.params, "redact", RedactParams)
     redactor = Redactor(ip_public_only=rp.ip_public_only, entropy_threshold=rp.entropy_threshold,
                         entropy_min_len=rp.entropy_min_len, disabled=frozenset(rp.disabled_detectors))
+    # The worker count of redact's params (no build_dataset setting yet): outputs don't depend on it.
+    workers = rp.workers or os.cpu_count() or 1
     res = build(args.traces, args.rejects, args.export, args.out, params, redactor,
-                Canaries(rp.canaries, rp.canary_sha256))
+                Canaries(rp.canaries, rp.canary_sha256), workers=workers)
     inputs = {"traces": args.traces, "rejects": args.rejects,
               "training_examples": args.export / "training-examples.jsonl", "eval_cases": args.export / "eval-cases.jsonl"}
     man = manifest(res, params, {k: file_digest(p) for k, p in inputs.items()})

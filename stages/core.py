@@ -266,3 +266,40 @@ class SpillSort:
             self._spill()
         # heapq.merge breaks key ties by run index: earlier runs (earlier records) first.
         return heapq.merge(*(self._read(p) for p in self._runs), key=itemgetter(0))
+
+
+def line_blocks(path: str | os.PathLike, block: int = 1 << 20) -> Iterator[tuple[str, int, int]]:
+    """(path, offset, length) of consecutive blocks of whole lines that cover the file, in order.
+
+    For handing a file to worker processes that read their blocks themselves: the parent only looks
+    for line ends (C speed) instead of splitting, pickling and sending every line.
+    """
+    with open(path, "rb") as fh:
+        offset, tail = 0, b""
+        while True:
+            buf = fh.read(block)
+            if not buf:
+                if tail:  # the last line has no newline
+                    yield str(path), offset, len(tail)
+                return
+            data = tail + buf
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:  # one line longer than a block: read on to its end
+                tail = data
+                continue
+            yield str(path), offset, cut
+            offset += cut
+            tail = data[cut:]
+
+
+def block_lines(path: str, offset: int, length: int) -> Iterator[bytes]:
+    """The lines of one line_blocks() block exactly as iter_lines() yields them (without numbers)."""
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        data = fh.read(length)
+    for i, raw in enumerate(data.split(b"\n")):
+        raw = raw.rstrip(b"\r\n")
+        if i == 0 and offset == 0 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        if raw.strip():
+            yield raw

@@ -2,7 +2,8 @@
 
 Signatures vs the straightforward `%` formula, shingle hashes vs shingles(), the array near dedup vs
 NearDedup.find row by row, the one-scan-per-row rescan vs a scan per string, SpillSort vs sorted(),
-and build() with tiny spill budgets vs build() with everything in memory.
+build() with tiny spill budgets or with worker processes vs build() in one process, in memory; and
+line_blocks/block_lines vs iter_lines.
 """
 from __future__ import annotations
 
@@ -182,11 +183,15 @@ def test_build_is_the_same_with_tiny_spill_budgets(tmp_path, key, monkeypatch):
         export.export(read_jsonl(work / "redact/traces.jsonl"), tmp, ExportParams())
     bp = BuildDatasetParams(min_examples=0, target_examples=300)
 
-    def run(out: Path) -> dict:
-        res = bd.build(work / "redact/traces.jsonl", work / "redact/rejects.jsonl", work / "export", out, bp, Redactor())
+    def run(out: Path, workers: int = 1) -> dict:
+        res = bd.build(work / "redact/traces.jsonl", work / "redact/rejects.jsonl", work / "export", out, bp, Redactor(),
+                       workers=workers)
         return bd.manifest(res, bp, {})
 
     m1 = run(work / "a")
+    assert run(work / "c", workers=2) == m1  # worker processes: the same build
+    for name in ("train", "val", "eval", "rejects"):
+        assert (work / "a" / f"{name}.jsonl").read_bytes() == (work / "c" / f"{name}.jsonl").read_bytes()
     real_init = core.SpillSort.__init__
     monkeypatch.setattr(core.SpillSort, "__init__", lambda self, d, budget=0: real_init(self, d, budget=2000))
     monkeypatch.setattr(bd, "_SIG_BATCH", 3)
@@ -198,3 +203,13 @@ def test_build_is_the_same_with_tiny_spill_budgets(tmp_path, key, monkeypatch):
     acc = m1["accounting"]
     assert acc["ok"] and m1["duplicates"]["near"] + m1["duplicates"]["exact"] > 0
     assert Counter(r["reason"] for r in read_jsonl(work / "a/rejects.jsonl"))["over_quota"] == acc["over_quota"]
+
+
+@pytest.mark.parametrize("block", [1, 64, 4096, 1 << 20])
+def test_line_blocks_read_back_as_iter_lines(tmp_path, block):
+    rng = random.Random(block)
+    p = tmp_path / "x.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + b"".join(rng.choice([b"", b"  ", b"x" * rng.randint(1, 300), b"ab\r", b"{}"]) + b"\n"
+                                             for _ in range(500)) + b"no newline at the end")
+    got = [line for b in core.line_blocks(p, block) for line in core.block_lines(*b)]
+    assert got == [line for _, line in core.iter_lines(p)]
