@@ -7,6 +7,7 @@ trusted). Ids are replaced by keyed hashes. Runs that may not train stay in the 
 from __future__ import annotations
 
 import argparse
+import bisect
 import os
 from collections import Counter
 from itertools import filterfalse
@@ -19,7 +20,7 @@ import orjson
 from schemas.params import RedactParams
 from schemas.records import Reject
 from stages.core import KeyedHasher, atomic_dir, atomic_open, dumps, load_key, load_params, write_json
-from stages.detectors import _BATCH_SEP, Placeholders, Redactor
+from stages.detectors import _BATCH_SEP, Finding, Placeholders, Redactor
 from stages.readers import ParseError, normalize, normalize_arguments, parse_line
 
 # Snapshot sub-folder -> mixing bucket. approved-runs and traces are both real work.
@@ -186,39 +187,99 @@ class CleanCache:
         self.clean.update(lits)
 
 
+class _Pending:
+    """A record between `_prepare` (strings taken out) and `_finish` (findings applied)."""
+
+    __slots__ = ("fields", "table", "lits", "hidden", "todo", "text", "done")
+
+    def __init__(self, fields: dict[str, Any]):
+        self.fields = fields
+        self.table = Placeholders()
+        self.lits: list[bytes] = []
+        self.hidden = False
+        self.todo: list[bytes] = []  # the literals to scan: those not known clean
+        self.text = ""  # _BATCH_SEP.join(decoded todo): what the detectors scan for this record
+        self.done: dict[str, Any] | None = None  # set when the record was redacted on the spot
+
+
+def _prepare(fields: dict[str, Any], redactor: Redactor, cache: CleanCache | None) -> _Pending:
+    """Take every string out of a normalised record (dict keys and tool-call argument values
+    included) and reserve the placeholders already in them; the scan itself comes later."""
+    _arguments_json(fields["messages"])
+    p = _Pending(fields)
+    p.lits, p.hidden, lt = _literals(fields)
+    if len(p.lits) < 2:  # redact_many redacts a lone string on its own; keep that path exact (and the walk)
+        texts: list[str] = []
+        _collect(fields, texts)
+        p.done = _rebuild(fields, iter(redactor.redact_many(texts, p.table)))
+        return p
+    if lt:  # placeholders are reserved from every string, the cached ones too
+        for lit in p.lits:
+            if b"<" in lit:
+                p.table.reserve(_decode(b'"' + lit + b'"', p.hidden))
+    p.todo = p.lits if cache is None else list(filterfalse(cache.clean.__contains__, p.lits))
+    if p.todo:
+        p.text = _decode(b'"' + _SEP_JSON.join(p.todo) + b'"', p.hidden)
+    return p
+
+
+def _scan_many(pending: list[_Pending], redactor: Redactor) -> list[list[Finding]]:
+    """One scan over the texts of many records; each record's findings, relative to its own text.
+
+    What is found in a string depends on that string alone (context stops at the separator's NUL),
+    so one scan over many records finds what a scan per record would; it saves the fixed cost of a
+    scan (encode, translate, a dozen literal finds) per record.
+    """
+    starts, pos, texts = [], 0, []
+    for p in pending:
+        starts.append(pos)
+        texts.append(p.text)
+        pos += len(p.text) + len(_BATCH_SEP)
+    per: list[list[Finding]] = [[] for _ in pending]
+    found = redactor.scan(_BATCH_SEP.join(texts)) if pos > len(_BATCH_SEP) * len(pending) else []
+    for f in found:
+        k = bisect.bisect_right(starts, f.start) - 1
+        base = starts[k]
+        per[k].append(Finding(f.detector, f.kind, f.start - base, f.end - base))
+    return per
+
+
+def _positions(lits: list[bytes], todo: list[bytes]) -> list[int]:
+    """Where the scanned literals sit among all of them. `todo` is `lits` less the values that were
+    cached clean at _prepare time (the cache may have grown since, so it is not asked again); equal
+    values were kept or dropped together, so matching in order is exact."""
+    idx, j = [], 0
+    for i, lit in enumerate(lits):
+        if j < len(todo) and lit == todo[j]:
+            idx.append(i)
+            j += 1
+    return idx
+
+
+def _finish(p: _Pending, found: list[Finding], redactor: Redactor,
+            cache: CleanCache | None) -> tuple[dict[str, Any], Counter]:
+    """Apply a record's findings (if any) and turn tool-call arguments back into JSON text."""
+    if p.done is not None:
+        out = p.done
+    elif found:  # rare (a few % of traces): only then split into strings and rebuild the record
+        texts = _decode(b'["' + b'","'.join(p.lits) + b'"]', p.hidden)
+        idx = _positions(p.lits, p.todo)
+        for i, t in zip(idx, redactor.settle_many([texts[i] for i in idx], found, p.table)):
+            texts[i] = t
+        out = _rebuild(p.fields, iter(texts))
+    else:
+        out = p.fields  # nothing to replace: _rebuild would only copy it
+        if cache is not None and p.todo:
+            cache.add(p.todo)
+    _arguments_text(out["messages"])
+    return out, p.table.counts
+
+
 def redact_fields(fields: dict[str, Any], redactor: Redactor,
                   cache: CleanCache | None = None) -> tuple[dict[str, Any], Counter]:
     """Redact every string of a normalised record; returns it with per-detector counts."""
-    _arguments_json(fields["messages"])
-    table = Placeholders()
-    lits, hidden, lt = _literals(fields)
-    if len(lits) < 2:  # redact_many redacts a lone string on its own; keep that path exact (and the walk)
-        texts: list[str] = []
-        _collect(fields, texts)
-        out = _rebuild(fields, iter(redactor.redact_many(texts, table)))
-    else:
-        # One scan per trace over every string not already known clean (dict keys and tool-call
-        # argument values included), as redact_many does; placeholders already in the input are
-        # reserved first, from every string.
-        if lt:
-            for lit in lits:
-                if b"<" in lit:
-                    table.reserve(_decode(b'"' + lit + b'"', hidden))
-        todo = lits if cache is None else list(filterfalse(cache.clean.__contains__, lits))
-        found = redactor.scan(_decode(b'"' + _SEP_JSON.join(todo) + b'"', hidden)) if todo else []
-        if found:  # rare (a few % of traces): only then split into strings and rebuild the record
-            texts = _decode(b'["' + b'","'.join(lits) + b'"]', hidden)
-            idx = range(len(lits)) if cache is None else [i for i, lit in enumerate(lits) if lit not in cache.clean]
-            new = redactor.settle_many([texts[i] for i in idx], found, table)
-            for i, t in zip(idx, new):
-                texts[i] = t
-            out = _rebuild(fields, iter(texts))
-        else:
-            out = fields  # nothing to replace: _rebuild would only copy it
-            if cache is not None and todo:
-                cache.add(todo)
-    _arguments_text(out["messages"])
-    return out, table.counts
+    p = _prepare(fields, redactor, cache)
+    return _finish(p, _scan_many([p], redactor)[0], redactor, cache)
 
 
 def eligibility(fields: dict[str, Any], params: RedactParams) -> list[str]:
@@ -236,6 +297,11 @@ def eligibility(fields: dict[str, Any], params: RedactParams) -> list[str]:
     return reasons
 
 
+# Records whose new strings are scanned in one pass: enough to spread a scan's fixed cost, few enough
+# that strings recurring in the next records are already in the clean cache by then.
+SCAN_BATCH = 32
+
+
 class Worker:
     """Per-process state: the compiled detectors and the keyed hasher."""
 
@@ -248,21 +314,42 @@ class Worker:
 
     def __call__(self, item: tuple[str, str, int, bytes]) -> tuple[str, bytes, dict]:
         rel, bucket, lineno, raw = item
-        try:
-            if len(raw) > self.params.max_line_bytes:
-                raise ParseError("line_too_long", f"{len(raw)} bytes > max_line_bytes {self.params.max_line_bytes}")
-            fields = normalize(parse_line(raw))
-            return "trace", *self.trace(fields, rel, bucket, lineno)
-        except ParseError as exc:
-            rej = Reject(file=rel, line=lineno, reason=exc.reason, detail=exc.detail)
-            return "reject", dumps(rej), {"reason": exc.reason}
+        return self.block(rel, bucket, [(lineno, raw)])[0]
 
-    def trace(self, fields: dict[str, Any], rel: str, bucket: str, lineno: int) -> tuple[bytes, dict]:
-        source_id = fields.pop("source_id")
+    def block(self, rel: str, bucket: str, lines: list[tuple[int, bytes]]) -> list[tuple[str, bytes, dict]]:
+        """("trace", payload, info) or ("reject", payload, info) for each (line number, bytes), in order.
+
+        Records are parsed one by one, their new strings scanned together in one pass, then finished.
+        """
+        results: list[Any] = [None] * len(lines)
+        for i in range(0, len(lines), SCAN_BATCH):
+            self._batch(rel, bucket, lines, i, results)
+        return results
+
+    def _batch(self, rel: str, bucket: str, lines: list[tuple[int, bytes]], first: int, results: list[Any]) -> None:
+        pending: list[tuple[int, int, Any, list[str], _Pending]] = []
+        for slot in range(first, min(first + SCAN_BATCH, len(lines))):
+            lineno, raw = lines[slot]
+            try:
+                if len(raw) > self.params.max_line_bytes:
+                    raise ParseError("line_too_long", f"{len(raw)} bytes > max_line_bytes {self.params.max_line_bytes}")
+                fields = normalize(parse_line(raw))
+            except ParseError as exc:
+                rej = Reject(file=rel, line=lineno, reason=exc.reason, detail=exc.detail)
+                results[slot] = ("reject", dumps(rej), {"reason": exc.reason})
+                continue
+            source_id = fields.pop("source_id")
+            ineligible = eligibility(fields, self.params)
+            pending.append((slot, lineno, source_id, ineligible, _prepare(fields, self.redactor, self.cache)))
+        found = _scan_many([p for *_, p in pending], self.redactor)
+        for (slot, lineno, source_id, ineligible, p), f in zip(pending, found):
+            fields, counts = _finish(p, f, self.redactor, self.cache)
+            results[slot] = ("trace", *self.trace(fields, counts, source_id, ineligible, rel, bucket, lineno))
+
+    def trace(self, fields: dict[str, Any], counts: Counter, source_id: str | None, ineligible: list[str],
+              rel: str, bucket: str, lineno: int) -> tuple[bytes, dict]:
         # Id-less rows are named by where they sit; the snapshot's file names are content-derived.
         tid = self.hasher(f"id:{source_id}" if source_id is not None else f"line:{rel}:{lineno}", "trace")
-        ineligible = eligibility(fields, self.params)
-        fields, counts = redact_fields(fields, self.redactor, self.cache)
         rec = {
             **fields, "id": tid, "source_file": rel, "source_line": lineno, "bucket": bucket,
             "source_run_id_hash": self.hasher(source_id, "run") if source_id is not None else None,
@@ -290,12 +377,14 @@ def _work(block: tuple[str, str, str, int, int, int]) -> tuple[str, str, int, in
     rel, bucket, path, offset, length, first = block
     lines = blank = 0
     out: list[tuple] = []
+    todo: list[tuple[int, bytes]] = []
     for lineno, raw in block_lines(path, offset, length, first):
         lines += 1
         if raw is None:
             blank += 1
-            continue
-        kind, payload, info = _WORKER((rel, bucket, lineno, raw))
+        else:
+            todo.append((lineno, raw))
+    for (lineno, _), (kind, payload, info) in zip(todo, _WORKER.block(rel, bucket, todo)):
         if kind == "reject":
             out.append((kind, payload, info["reason"]))
         else:

@@ -102,3 +102,26 @@ def test_clean_cache_keeps_only_clean_strings():
     assert b"hello there" in cache.clean
     out, counts = redact_fields(copy.deepcopy(fields), REDACTOR, cache)
     assert "bob@example.com" not in orjson.dumps(out).decode() and counts["email"] == 1
+
+
+def test_block_equals_one_by_one():
+    # A worker scans the new strings of SCAN_BATCH records in one pass and keeps a clean cache;
+    # each record must come out as it does alone in a fresh worker.
+    from conftest import TEST_KEY
+    from schemas.params import RedactParams
+    from stages.redact import SCAN_BATCH, Worker
+
+    secrets = ["bob@example.com", "AKIAIOSFODNN7EXAMPLE", "ghp_" + "a1B2" * 9, "password=hunter2x", "8.8.8.8",
+               "my aws", "api_key=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "<EMAIL_1>", "x" * 30, ""]
+    lines = []
+    for i in range(3 * SCAN_BATCH + 5):
+        s = secrets[i % len(secrets)]
+        rec = {"id": f"r{i % 50}", "messages": [{"role": "user", "content": f"hi {s}"},
+                                              {"role": "assistant", "content": s, "tool_calls": [
+                                                  {"function": {"name": "f", "arguments": {"q": s, s: i}}}]}],
+               "tools": [{"type": "function", "function": {"name": "f", "description": "same every time"}}]}
+        lines.append((i + 1, orjson.dumps(rec) if i % 17 else b"{not json"))
+    params = RedactParams(workers=1)
+    got = Worker(params, TEST_KEY).block("traces/x.jsonl", "real", lines)
+    want = [Worker(params, TEST_KEY)(("traces/x.jsonl", "real", n, raw)) for n, raw in lines]
+    assert got == want
