@@ -7,17 +7,21 @@ support; eval cases are a hash share per workflow, never also training examples;
 from __future__ import annotations
 
 import argparse
+import os
+from array import array
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
+from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import orjson
 
 from schemas.params import ExportParams
 from schemas.records import ContextCard, EvalCase, FlywheelMetrics, TraceRecord, TrainingExample
-from stages.core import atomic_dir, content_id, dumps, load_params, read_jsonl, safe_name, unit_hash, write_json, write_text
+from stages.core import (atomic_dir, block_lines, content_id, dumps, line_blocks, load_params, read_jsonl, safe_name,
+                         unit_hash, write_json, write_text)
 
 EPOCH = "1970-01-01T00:00:00Z"  # created_at of traces that carry none: explicit, never "now"
 _FAILURE_TEXT = {
@@ -278,56 +282,124 @@ def _aware(stamp: Any) -> datetime | None:
     return dt if dt.tzinfo is not None else None
 
 
+def _one(t: dict, params: ExportParams, approved_set: set[str]) -> tuple[bytes, bytes | None, bytes | None, tuple]:
+    """One trace -> (trace record line, training example line or None, eval case line or None, the
+    figures the aggregates need). Pure: run in worker processes, in any order."""
+    record = dumps(trace_record(t))
+    created = t.get("created_at")
+    dt = _aware(created) if created else None
+    approved = t["review"]["status"] in approved_set
+    negative = t["review"]["status"] == "rejected" or t["bucket"] == "adversarial"
+    b, a = _num(t["extra"].get("context_tokens_before")), _num(t["extra"].get("context_tokens_after"))
+    card = None
+    example = case = case_id = None
+    if t["trainable"]:
+        if approved:  # only approved, trainable (so redaction-clean) runs teach a card anything
+            tools = [sig for sig in map(_tool_signature, t.get("tools") or ()) if sig]
+            card = (list(set(_strs(t["extra"].get("stable_rules")))),
+                    list(set(_strs(t["extra"].get("human_approval_required_for")))), instruction_of(t), tools)
+        if is_eval(t, params):
+            c = eval_case(t)
+            case_id, case = c["id"], dumps(c)
+        else:
+            example = dumps(training_example(t))
+    info = ((t["domain"], t["workflow"]), created if dt is not None else None, dt, approved,
+            _redaction_status(t) == "passed", negative, b, a, t["trainable"], card, case_id)
+    return record, example, case, info
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(params: ExportParams) -> None:
+    _WORKER["params"] = params
+
+
+def _block(block: tuple[str, int, int]) -> tuple[bytes, bytes, bytes, list[tuple]]:
+    """A block of whole lines of traces.jsonl -> the three files' lines for it, and the figures."""
+    params = _WORKER["params"]
+    approved_set = set(params.approved_statuses)
+    records, examples, cases, infos = [], [], [], []
+    for raw in block_lines(*block):
+        record, example, case, info = _one(orjson.loads(raw), params, approved_set)
+        records.append(record)
+        if example is not None:
+            examples.append(example)
+        if case is not None:
+            cases.append(case)
+        infos.append(info)
+    return tuple(b"".join(x + b"\n" for x in lines) for lines in (records, examples, cases)) + (infos,)
+
+
 def export(traces: Iterable[dict], out: Path, params: ExportParams) -> dict:
-    """One streaming pass writes the JSONL artifacts; aggregates build cards and metrics."""
+    """One pass over parsed traces (in this process)."""
+    approved_set = set(params.approved_statuses)
+
+    def blocks() -> Iterator[tuple[bytes, bytes, bytes, list[tuple]]]:
+        for t in traces:
+            record, example, case, info = _one(t, params, approved_set)
+            yield record + b"\n", example + b"\n" if example else b"", case + b"\n" if case else b"", [info]
+
+    return _export(blocks(), out, params)
+
+
+def export_file(path: Path, out: Path, params: ExportParams, workers: int = 1) -> dict:
+    """export() of a traces.jsonl, its traces turned into lines by `workers` processes, a block of whole
+    lines each; imap keeps block order and the aggregates are taken here in trace order, so the outputs
+    don't depend on the worker count or timing."""
+    if workers <= 1:
+        return export(read_jsonl(path), out, params)
+    pool = get_context("fork").Pool(workers, initializer=_init_worker, initargs=(params,))
+    try:
+        return _export(pool.imap(_block, line_blocks(path)), out, params)
+    finally:
+        pool.terminate()
+
+
+def _export(blocks: Iterable[tuple[bytes, bytes, bytes, list[tuple]]], out: Path, params: ExportParams) -> dict:
+    """Writes the JSONL artifacts as the blocks come; aggregates build cards and metrics."""
     wfs: dict[tuple[str, str], _Workflow] = {}
     totals: Counter = Counter()
-    tokens_before, tokens_after, newest = [], [], EPOCH
+    # Compact float arrays, summed with sum() as lists were (the same additions, the same result).
+    tokens_before, tokens_after, newest = array("d"), array("d"), EPOCH
     newest_dt = _aware(EPOCH)
-    approved_set = set(params.approved_statuses)
     with (open(out / "trace-records.jsonl", "wb") as f_tr, open(out / "training-examples.jsonl", "wb") as f_te,
           open(out / "eval-cases.jsonl", "wb") as f_ev):
-        for t in traces:
-            key = (t["domain"], t["workflow"])
-            wf = wfs.get(key) or wfs.setdefault(key, _Workflow(*key))
-            wf.total += 1
-            totals["total"] += 1
-            f_tr.write(dumps(trace_record(t)) + b"\n")
-            if t.get("created_at"):
-                dt = _aware(t["created_at"])
+        for records, examples, cases, infos in blocks:
+            f_tr.write(records)
+            f_te.write(examples)
+            f_ev.write(cases)
+            for key, created, dt, approved, passed, negative, b, a, trainable, card, case_id in infos:
+                wf = wfs.get(key) or wfs.setdefault(key, _Workflow(*key))
+                wf.total += 1
+                totals["total"] += 1
                 if dt is not None and dt > newest_dt:  # _newest([newest, created_at]), parsing newest once
-                    newest, newest_dt = t["created_at"], dt
-            approved = t["review"]["status"] in approved_set
-            totals["accepted"] += approved
-            totals["redaction_passed"] += _redaction_status(t) == "passed"
-            if t["review"]["status"] == "rejected" or t["bucket"] == "adversarial":
-                wf.negatives += 1
-            b, a = _num(t["extra"].get("context_tokens_before")), _num(t["extra"].get("context_tokens_after"))
-            if b is not None and a is not None:
-                tokens_before.append(b)
-                tokens_after.append(a)
-            if not t["trainable"]:
-                continue
-            totals["trainable"] += 1
-            wf.trainable += 1
-            if approved:  # only approved, trainable (so redaction-clean) runs teach a card anything
-                wf.approved += 1
-                wf.rules.update(set(_strs(t["extra"].get("stable_rules"))))
-                wf.approvals.update(set(_strs(t["extra"].get("human_approval_required_for"))))
-                if instruction_of(t):
-                    wf.goals[instruction_of(t)] += 1
-                for tool in t.get("tools") or ():
-                    sig = _tool_signature(tool)
-                    if sig:
+                    newest, newest_dt = created, dt
+                totals["accepted"] += approved
+                totals["redaction_passed"] += passed
+                if negative:
+                    wf.negatives += 1
+                if b is not None and a is not None:
+                    tokens_before.append(b)
+                    tokens_after.append(a)
+                if not trainable:
+                    continue
+                totals["trainable"] += 1
+                wf.trainable += 1
+                if card is not None:
+                    rules, approvals, goal, tools = card
+                    wf.approved += 1
+                    wf.rules.update(rules)
+                    wf.approvals.update(approvals)
+                    if goal:
+                        wf.goals[goal] += 1
+                    for sig in tools:
                         wf.tools.setdefault(*sig)
-            if is_eval(t, params):
-                case = eval_case(t)
-                wf.eval_cases.append(case["id"])
-                f_ev.write(dumps(case) + b"\n")
-                totals["eval_cases"] += 1
-            else:
-                f_te.write(dumps(training_example(t)) + b"\n")
-                totals["training_examples"] += 1
+                if case_id is not None:
+                    wf.eval_cases.append(case_id)
+                    totals["eval_cases"] += 1
+                else:
+                    totals["training_examples"] += 1
 
     cards = [context_card(wfs[k], params) for k in sorted(wfs)]
     write_json(out / "context-cards.json", cards)
@@ -384,7 +456,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     params = load_params(args.params, "export", ExportParams)
     with atomic_dir(args.out) as tmp:
-        summary = export(read_jsonl(args.traces), tmp, params)
+        # One process per core (no export setting yet): the outputs don't depend on the count.
+        summary = export_file(args.traces, tmp, params, workers=os.cpu_count() or 1)
     write_json(args.metrics, summary)
     print(f"export: {summary['traces']} traces -> {summary['training_examples']} training examples, "
           f"{summary['eval_cases']} eval cases, {summary['context_cards']} context cards")

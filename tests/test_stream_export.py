@@ -104,3 +104,21 @@ def test_off_type_values_go_through_the_model(traces):
     for t in variants:
         _same(export.trace_record, _model_trace_record, t)
         _same(export.training_example, _model_training_example, t)
+
+
+def test_export_file_with_workers_equals_export_in_process(tmp_path, traces):
+    from stages.core import atomic_dir, dumps
+    from schemas.params import ExportParams
+
+    src = tmp_path / "traces.jsonl"
+    src.write_bytes(b"".join(dumps(t) + b"\n" for t in traces))
+    outs = {}
+    for name, run in [("plain", lambda d: export.export(read_jsonl(src), d, ExportParams())),
+                      ("one", lambda d: export.export_file(src, d, ExportParams(), workers=1)),
+                      ("two", lambda d: export.export_file(src, d, ExportParams(), workers=2))]:
+        with atomic_dir(tmp_path / name) as d:
+            summary = run(d)
+        outs[name] = (summary, {p.relative_to(tmp_path / name).as_posix(): p.read_bytes()
+                                for p in sorted((tmp_path / name).rglob("*")) if p.is_file()})
+    assert outs["plain"] == outs["one"] == outs["two"]
+    assert len(outs["plain"][1]) > 5 and outs["plain"][0]["traces"] == len(traces)
