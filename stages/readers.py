@@ -115,9 +115,10 @@ def _tool_calls(val: Any, where: str) -> list[dict] | None:
 
 
 def _role(val: Any, where: str) -> str:
-    if not isinstance(val, str) or val.lower() not in _ROLE_ALIASES:
+    role = _ROLE_ALIASES.get(val.lower()) if isinstance(val, str) else None
+    if role is None:
         raise ParseError("bad_role", f"{where}: {str(val)[:40]!r}")
-    return _ROLE_ALIASES[val.lower()]
+    return role
 
 
 def _messages(val: Any, key: str) -> list[dict]:
@@ -125,14 +126,19 @@ def _messages(val: Any, key: str) -> list[dict]:
         raise ParseError("wrong_type", f"'{key}' must be a list")
     out = []
     for i, m in enumerate(val):
-        where = f"{key}[{i}]"
         if not isinstance(m, dict):
-            raise ParseError("wrong_type", f"{where} must be an object")
-        msg: dict[str, Any] = {"role": _role(m.get("role", m.get("from")), where),
-                               "content": _content(m.get("content", m.get("value")), where)}
-        calls = _tool_calls(m.get("tool_calls"), where)
-        if calls:
-            msg["tool_calls"] = calls
+            raise ParseError("wrong_type", f"{key}[{i}] must be an object")
+        # The common case (a known role, string content, no tool calls) skips building the
+        # `key[i]` text that only an error message needs.
+        role = m.get("role", m.get("from"))
+        role = _ROLE_ALIASES.get(role.lower()) if isinstance(role, str) else None
+        content = m.get("content", m.get("value"))
+        msg: dict[str, Any] = {"role": role if role is not None else _role(m.get("role", m.get("from")), f"{key}[{i}]"),
+                               "content": content if isinstance(content, str) else _content(content, f"{key}[{i}]")}
+        if m.get("tool_calls") is not None:
+            calls = _tool_calls(m["tool_calls"], f"{key}[{i}]")
+            if calls:
+                msg["tool_calls"] = calls
         for k in ("tool_call_id", "name"):
             if isinstance(m.get(k), str):
                 msg[k] = m[k]
@@ -207,9 +213,9 @@ def _outcome(val: Any) -> str:
     return _OUTCOMES.get(val.lower(), "unknown") if isinstance(val, str) else "unknown"
 
 
-_META = ("id", "created_at", "project", "domain", "workflow", "task_category", "outcome", "source",
-         "harness", "human_review", "review", "messages", "conversation", "conversations", "user",
-         "assistant", "system", "tools", "input_redacted", "output_approved", "instruction")
+_META = frozenset(("id", "created_at", "project", "domain", "workflow", "task_category", "outcome", "source",
+                   "harness", "human_review", "review", "messages", "conversation", "conversations", "user",
+                   "assistant", "system", "tools", "input_redacted", "output_approved", "instruction"))
 
 
 def normalize(rec: dict[str, Any]) -> dict[str, Any]:
