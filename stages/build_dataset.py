@@ -7,15 +7,15 @@ survivor, over quota, train or val); the stage fails if that accounting does not
 from __future__ import annotations
 
 import argparse
-import os
-from array import array
 import bisect
+import os
 import re
 import tempfile
+from array import array
 from collections import Counter
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import orjson
@@ -247,11 +247,6 @@ def near_duplicates(near: NearDedup, sig_file: Path, band_hash: np.ndarray, orde
 # ---------------------------------------------------------------- the build
 def _meta(ex: dict) -> dict:
     return ex["metadata"]
-
-
-def read_eval(cases: Iterable[dict]) -> dict[str, dict]:
-    """trace id -> eval case."""
-    return {tid: c for c in cases for tid in c["source_trace_ids"]}
 
 
 def _eval_offsets(path: Path) -> dict[str, int]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 from array import array
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from multiprocessing import get_context
@@ -261,20 +261,8 @@ def readiness(approved: int, negatives: int, params: ExportParams) -> dict:
             "next_tier": nxt[0] if nxt else None, "missing_for_next": missing, "tiers": status}
 
 
-def _newest(stamps: Iterable[str]) -> str:
-    best, best_s = None, EPOCH
-    for s in stamps:
-        try:
-            dt = datetime.fromisoformat(s.replace("Z", "+00:00"))
-        except (ValueError, AttributeError):
-            continue
-        if dt.tzinfo is not None and (best is None or dt > best):
-            best, best_s = dt, s
-    return best_s
-
-
 def _aware(stamp: Any) -> datetime | None:
-    """The timezone-aware datetime of an ISO stamp, or None (what _newest skips)."""
+    """The timezone-aware datetime of an ISO stamp, or None (a stamp the newest-trace figure skips)."""
     try:
         dt = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
     except (ValueError, AttributeError):
@@ -373,7 +361,7 @@ def _export(blocks: Iterable[tuple[bytes, bytes, bytes, list[tuple]]], out: Path
                 wf = wfs.get(key) or wfs.setdefault(key, _Workflow(*key))
                 wf.total += 1
                 totals["total"] += 1
-                if dt is not None and dt > newest_dt:  # _newest([newest, created_at]), parsing newest once
+                if dt is not None and dt > newest_dt:  # the first of the newest stamps wins
                     newest, newest_dt = created, dt
                 totals["accepted"] += approved
                 totals["redaction_passed"] += passed
