@@ -3,6 +3,16 @@
 Every string of every record is scanned (a `redaction_status: passed` flag is recorded, never
 trusted). Ids are replaced by keyed hashes. Runs that may not train stay in the output with
 `trainable: false` and their reasons, so export can still count them.
+
+Speed (see bench/README.md), without skipping any detector or string:
+- workers read blocks of whole lines themselves (`plan_blocks`); the parent only counts lines,
+  keeps the first trace of each id and writes each block's output in one go, in block order;
+- a record's strings come from orjson's output (`_literals`), not from a Python walk, and the
+  record is rebuilt only when something was found (a few % of traces);
+- a worker remembers the strings it already scanned clean (`CleanCache`: tool schemas, prompts,
+  keys) and scans only new ones, those of `SCAN_BATCH` records in one pass (`_scan_many`).
+Both rest on one property of the detectors: what they find in a string depends on that string
+alone, never on the strings batched around it (tests/test_detectors.py, tests/test_redact_perf_*).
 """
 from __future__ import annotations
 
