@@ -36,6 +36,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from schemas.params import RedactParams
 from stages.core import load_params
 from stages.detectors import _KINDS, _PRIO, DETECTORS, PLACEHOLDER_RE, Placeholders, Redactor
@@ -152,12 +154,9 @@ def _slice(texts: list[str], sub: list[str]) -> int:
 
 
 def redact_text(location: str, text: str, redactor: Redactor) -> tuple[list[str], list[str], str]:
-    """(original strings, redacted strings, output field text) for one case, redacted as the stage does it.
-
-    The case is read by stages.readers.normalize, then redacted with the body of
-    stages.redact.redact_fields step by step (so that the strings can be paired); the result is
-    compared with `redact_fields` itself, so the two cannot drift apart silently.
-    """
+    """(original strings, redacted strings, output field text) for one case, redacted by the stage's own
+    `redact_fields`; the case's strings are paired by walking the record before and after (redaction
+    replaces strings, never adds or removes one, so the walks line up)."""
     fields = _fields(location, text)
     _arguments_json(fields["messages"])
     texts: list[str] = []
@@ -165,13 +164,14 @@ def redact_text(location: str, text: str, redactor: Redactor) -> tuple[list[str]
     sub: list[str] = []
     _collect(_target(location, fields), sub)
     i = _slice(texts, sub)
-    red = redactor.redact_many(texts, Placeholders())
-    out = _rebuild(fields, iter(red))
-    _arguments_text(out["messages"])
     ref, _ = redact_fields(_fields(location, text), redactor)
-    if ref != out:
-        raise RuntimeError("bench.redaction no longer mirrors stages.redact.redact_fields; update redact_text")
-    return texts[i : i + len(sub)], red[i : i + len(sub)], _target(location, out)
+    walked = orjson.loads(orjson.dumps(ref))
+    _arguments_json(walked["messages"])
+    red: list[str] = []
+    _collect(walked, red)
+    if len(red) != len(texts):
+        raise RuntimeError("redact_fields changed the number of strings in a record")
+    return texts[i : i + len(sub)], red[i : i + len(sub)], _target(location, ref)
 
 
 def recover_spans(orig: str, red: str) -> list[tuple[int, int, str]] | None:

@@ -471,6 +471,26 @@ class Redactor:
 
     # ---------------------------------------------------------------- public API
 
+    def key_value(self, key: str, value: str) -> tuple[str, str] | None:
+        """(detector, kind) when a JSON object's `key` names a secret and its string `value` plausibly is
+        one: the `password=...` rule across the JSON structure, for `{"password": "..."}` in tool-call
+        arguments and metadata, where key and value are two strings and no scan of either sees both."""
+        if "secret_assignment" not in self._on or len(key) > 64 or not value:
+            return None
+        stem = key.lower().rstrip("0123456789_-")
+        for word in sorted((w for w in _KEY_WORDS if stem.endswith(w)), key=len, reverse=True):
+            kind, context = _key_kind(key, len(stem) - len(word))
+            if not context:
+                continue
+            if kind is None or not _plausible_value(value, kind, False, ""):
+                return None
+            if (len(value) == 40 and "aws_secret_key" in self._on and set(value) <= _B64
+                    and any(c.isupper() for c in value) and any(c.islower() for c in value)
+                    and ("secret" in stem or "aws" in stem)):
+                return "aws_secret_key", _KINDS["aws_secret_key"]
+            return "secret_assignment", kind
+        return None
+
     def scan(self, text: str) -> list[Finding]:
         """Non-overlapping findings, sorted by start."""
         n = len(text)

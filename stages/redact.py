@@ -158,9 +158,9 @@ _SEP_JSON = orjson.dumps(_BATCH_SEP)[1:-1]
 _ESC_BS, _ESC_Q = b"\x01\x01", b"\x02"
 
 
-def _literals(fields: dict[str, Any]) -> tuple[list[bytes], bool, bool]:
-    """The JSON string literals (without quotes) of `fields` in _collect order; whether escapes were
-    hidden; whether any string holds a '<' (orjson never escapes it), i.e. may hold a placeholder."""
+def _split(fields: dict[str, Any]) -> tuple[list[bytes], bool, bool]:
+    """orjson's output split on unescaped quotes: literals at odd positions, and after each literal
+    the text up to the next one (`:` exactly when the literal is a key and its value a string)."""
     try:
         data = orjson.dumps(fields)
     except orjson.JSONEncodeError:  # only for callers that built fields without orjson (ints > 64 bits)
@@ -168,7 +168,36 @@ def _literals(fields: dict[str, Any]) -> tuple[list[bytes], bool, bool]:
     hidden = b'\\"' in data
     if hidden:  # left to right, `\\` pairs first: a `\\` before a quote is an escaped backslash
         data = data.replace(b"\\\\", _ESC_BS).replace(b'\\"', _ESC_Q)
-    return data.split(b'"')[1::2], hidden, b"<" in data
+    return data.split(b'"'), hidden, b"<" in data
+
+
+def _literals(fields: dict[str, Any]) -> tuple[list[bytes], bool, bool]:
+    """The JSON string literals (without quotes) of `fields` in _collect order; whether escapes were
+    hidden; whether any string holds a '<' (orjson never escapes it), i.e. may hold a placeholder."""
+    parts, hidden, lt = _split(fields)
+    return parts[1::2], hidden, lt
+
+
+_KEY_ROOTS = (b"pass", b"pwd", b"secret", b"token", b"key", b"auth", b"cred")
+
+
+def _keyed_secrets(parts: list[bytes], hidden: bool, redactor: Redactor) -> list[tuple[str, str, str]]:
+    """(value, detector, kind) for every `"<secret-ish key>": "<string>"` pair of the record.
+
+    The detectors see one string at a time, so `{"password": "hunter2"}` (tool-call arguments, metadata)
+    would pass: the key names the secret, the value alone looks like nothing. A cheap root test on the
+    key comes first; the few candidates go through the key=value rule of the detectors."""
+    found = []
+    for k in range(1, len(parts) - 2, 2):
+        if parts[k + 1] != b":":
+            continue  # not a key, or its value is not a string
+        low = parts[k].lower()
+        if any(r in low for r in _KEY_ROOTS):
+            key, value = _decode(b'"' + parts[k] + b'"', hidden), _decode(b'"' + parts[k + 2] + b'"', hidden)
+            hit = redactor.key_value(key, value)
+            if hit:
+                found.append((value, *hit))
+    return found
 
 
 def _decode(json_text: bytes, hidden: bool) -> Any:
@@ -200,7 +229,7 @@ class CleanCache:
 class _Pending:
     """A record between `_prepare` (strings taken out) and `_finish` (findings applied)."""
 
-    __slots__ = ("fields", "table", "lits", "hidden", "todo", "text", "done")
+    __slots__ = ("fields", "table", "lits", "hidden", "todo", "text", "done", "keyed")
 
     def __init__(self, fields: dict[str, Any]):
         self.fields = fields
@@ -210,6 +239,7 @@ class _Pending:
         self.todo: list[bytes] = []  # the literals to scan: those not known clean
         self.text = ""  # _BATCH_SEP.join(decoded todo): what the detectors scan for this record
         self.done: dict[str, Any] | None = None  # set when the record was redacted on the spot
+        self.keyed: list[tuple[str, str, str]] = []  # secrets named by their key (_keyed_secrets)
 
 
 def _prepare(fields: dict[str, Any], redactor: Redactor, cache: CleanCache | None) -> _Pending:
@@ -217,7 +247,9 @@ def _prepare(fields: dict[str, Any], redactor: Redactor, cache: CleanCache | Non
     included) and reserve the placeholders already in them; the scan itself comes later."""
     _arguments_json(fields["messages"])
     p = _Pending(fields)
-    p.lits, p.hidden, lt = _literals(fields)
+    parts, p.hidden, lt = _split(fields)
+    p.lits = parts[1::2]
+    p.keyed = _keyed_secrets(parts, p.hidden, redactor)
     if len(p.lits) < 2:  # redact_many redacts a lone string on its own; keep that path exact (and the walk)
         texts: list[str] = []
         _collect(fields, texts)
@@ -227,7 +259,8 @@ def _prepare(fields: dict[str, Any], redactor: Redactor, cache: CleanCache | Non
         for lit in p.lits:
             if b"<" in lit:
                 p.table.reserve(_decode(b'"' + lit + b'"', p.hidden))
-    p.todo = p.lits if cache is None else list(filterfalse(cache.clean.__contains__, p.lits))
+    # A record with a keyed secret scans every string: the value is redacted wherever it appears.
+    p.todo = p.lits if cache is None or p.keyed else list(filterfalse(cache.clean.__contains__, p.lits))
     if p.todo:
         p.text = _decode(b'"' + _SEP_JSON.join(p.todo) + b'"', p.hidden)
     return p
@@ -266,9 +299,22 @@ def _positions(lits: list[bytes], todo: list[bytes]) -> list[int]:
     return idx
 
 
+def _keyed_findings(p: _Pending) -> list[Finding]:
+    """Every occurrence of a keyed secret's value in the record's text, the key's own value included."""
+    out = []
+    for value, detector, kind in p.keyed:
+        i = p.text.find(value)
+        while i >= 0:
+            out.append(Finding(detector, kind, i, i + len(value)))
+            i = p.text.find(value, i + len(value))
+    return out
+
+
 def _finish(p: _Pending, found: list[Finding], redactor: Redactor,
             cache: CleanCache | None) -> tuple[dict[str, Any], Counter]:
     """Apply a record's findings (if any) and turn tool-call arguments back into JSON text."""
+    if p.keyed:
+        found = found + _keyed_findings(p)
     if p.done is not None:
         out = p.done
     elif found:  # rare (a few % of traces): only then split into strings and rebuild the record

@@ -42,6 +42,7 @@ PLANTED = {
     "kv_password": "Tr0ub4dor&3xyz",
     "bearer": "abcDEF123456ghiJKL789mnoPQR",
     "home": "/home/jsmith/",
+    "args_password": "correct-horse-battery-9",  # only its key says it is one: {"password": ...}
 }
 BENIGN = ["src/stages/redact.py", "3f2a9c1e8b7d6a5f4e3d2c1b0a9f8e7d6c5b4a39", "v2.0.0-rc1", "2026-04-25",
           "ORD-2026-00042", "$1,299.00", "get_api_key()", "https://docs.python.org/3/library/re.html", "10.0.0.5"]
@@ -56,7 +57,8 @@ def planted_snapshot(root: Path) -> Path:
             f"{PLANTED['pem']}\nDB postgres://admin:{PLANTED['url_password']}@db.internal:5432/app password={PLANTED['kv_password']} "
             f"Authorization: Bearer {PLANTED['bearer']} log at {PLANTED['home']}project/out.log. "
             f"Benign: {' '.join(BENIGN)}")
-    args = json.dumps({"email": PLANTED["email"], "note": text, "nested": {"key": PLANTED["github"]}})
+    args = json.dumps({"email": PLANTED["email"], "note": text, "nested": {"key": PLANTED["github"]},
+                       "login": {"user": "ops", "password": PLANTED["args_password"]}})
     files = {
         "approved-runs/runs.jsonl": [{
             "id": "run_1", "created_at": "2026-11-02T10:00:00Z", "domain": "saas", "workflow": "ticket_triage",

@@ -20,22 +20,16 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = ROOT / "tests" / "fixtures" / "redaction" / "labelled.jsonl"
 METRICS = ROOT / "metrics" / "redaction_quality.json"
 
-# Floors, set from the measured figures (recall 150/155 = 0.968, precision 150/162 = 0.926, F2 0.959,
-# 151/155 = 0.974 of the secrets gone; nothing missed in messages or review notes) less a little
+# Floors, set from the measured figures (recall 154/155 = 0.994, precision 154/166 = 0.928, F2 0.977,
+# every secret gone; the one miss is a GitHub token under a PASSWORD placeholder) less a little
 # slack: a backstop under the exact known-defect lists below, which fail on any single new case.
-MIN_RECALL = 0.96
+MIN_RECALL = 0.98
 MIN_PRECISION = 0.90
 MIN_F2 = 0.94
-MIN_REMOVAL_RECALL = 0.97  # share of labelled secrets gone from the output, whatever the placeholder
+MIN_REMOVAL_RECALL = 0.99  # share of labelled secrets gone from the output, whatever the placeholder
 
 # case id -> why the secret is not caught (missed: leaked, or under another family's placeholder)
 KNOWN_MISSES = {
-    "secret_assignment-tp-05": "tool-call arguments are redacted value by value: the key `password` and its value are "
-                               "separate strings, so no `key = value` context reaches the value (leaked)",
-    "secret_assignment-tp-06": "same: {\"api_key\": \"k_...\"} in tool arguments (leaked)",
-    "secret_assignment-tp-08": "same: {\"auth_token\": <32 random chars>} in tool arguments (leaked)",
-    "aws_secret_key-tp-04": "same: {\"aws_secret_access_key\": ...} in tool arguments; the 40-char secret has no "
-                            "aws/secret word in its own string (leaked)",
     "github_token-tp-04": "a GitHub token as URL password (https://x-access-token:TOKEN@github.com/...): url_password "
                           "outranks github_token, and `token:` makes secret_assignment swallow '@github.com/org/repo.git' "
                           "too, so the whole tail becomes <PASSWORD_n> (nothing leaks; wrong kind, host and path lost)",
