@@ -389,7 +389,8 @@ def _build(traces_path: Path, rejects_path: Path, export_dir: Path, out_dir: Pat
                 eval_keys.append(rid)
                 taken.append(k)
                 fates["eval"] += 1
-                rescan.update(found)
+                if found:
+                    rescan.update(found)
                 eval_rows.add(xxhash.xxh3_64_intdigest(row), row)
         sigs.add(sig[taken])
     n_eval_cases = len(eval_at)
@@ -466,7 +467,8 @@ def _build(traces_path: Path, rejects_path: Path, export_dir: Path, out_dir: Pat
         code = bucket_names.get(b)
         rows = np.flatnonzero(keep & (buckets == code)) if code is not None else np.zeros(0, dtype=np.int64)
         quota = round(params.ratios.get(b, 0.0) * params.target_examples)
-        mix = np.array([unit_hash(params.seed, "mix", rids[k].decode()) for k in rows.tolist()], dtype=np.float64)
+        mix = np.fromiter((unit_hash(params.seed, "mix", rids[k].decode()) for k in rows.tolist()), dtype=np.float64,
+                          count=len(rows))
         rows = rows[np.lexsort((rids[rows], mix))]
         for k in rows[quota:].tolist():
             drop(tids[k].decode(), "over_quota", kind="over_quota")
@@ -491,7 +493,8 @@ def _build(traces_path: Path, rejects_path: Path, export_dir: Path, out_dir: Pat
             tasks.append((block, codes.tobytes()))
     for out in run(_selected_block, tasks):
         for code, row, found, prompt_chars, answer_chars, workflow, outcome in out:
-            rescan.update(found)
+            if found:
+                rescan.update(found)
             lengths["prompt_chars"].append(prompt_chars)
             lengths["answer_chars"].append(answer_chars)
             workflows[workflow] += 1
@@ -566,7 +569,8 @@ def _traces_block(block: tuple[str, int, int]) -> tuple[list[tuple], np.ndarray]
                 messages=t["messages"], tools=t.get("tools"), trace_id=t["id"], eval_case_id=case["id"],
                 expected_behavior=case["expected_behavior"], forbidden_behavior=case["forbidden_behavior"],
             ).model_dump(mode="json", exclude_none=True)
-            out.append((info, "eval", rid, dumps(split_row), scan_row(split_row), len(hashes)))
+            # (the rescan is nearly always empty: None then, cheaper to send back than a Counter)
+            out.append((info, "eval", rid, dumps(split_row), scan_row(split_row) or None, len(hashes)))
             hashes.append(shingle_hashes(t["messages"], near.n))
     return out, near.signatures(hashes)
 
@@ -604,7 +608,7 @@ def _selected_block(task: tuple[tuple[str, int, int], bytes]) -> list[tuple]:
             id=row_id(meta["messages"]), source=meta["source"], bucket=meta["bucket"], domain=meta["domain"],
             workflow=meta["workflow"], messages=meta["messages"], tools=meta.get("tools"),
             trace_id=meta["source_trace_ids"][0]).model_dump(mode="json", exclude_none=True)
-        out.append((code, dumps(split_row), scan_row(split_row), len(ex["input"]) + len(ex["instruction"]),
+        out.append((code, dumps(split_row), scan_row(split_row) or None, len(ex["input"]) + len(ex["instruction"]),
                     len(ex["output"]), f"{meta['domain']}/{meta['workflow']}", meta.get("outcome", "unknown")))
     return out
 
