@@ -296,6 +296,77 @@ def _one(t: dict, params: ExportParams, approved_set: set[str]) -> tuple[bytes, 
     return record, example, case, info
 
 
+class _Agg:
+    """The aggregates of a run of consecutive traces: per-workflow figures, totals, token figures and
+    the newest stamp. Workers fill one per block and the parent merges them in block order, which
+    gives what one pass over all traces would (counts add up; token figures keep their order; the
+    first tool signature and the first of the newest stamps win, block by block as trace by trace)."""
+
+    def __init__(self) -> None:
+        self.wfs: dict[tuple[str, str], _Workflow] = {}
+        self.totals: Counter = Counter()
+        # Compact float arrays, summed with sum() as lists were (the same additions, the same result).
+        self.tokens_before, self.tokens_after = array("d"), array("d")
+        self.newest: tuple[str, datetime] | None = None
+
+    def _wf(self, key: tuple[str, str]) -> _Workflow:
+        return self.wfs.get(key) or self.wfs.setdefault(key, _Workflow(*key))
+
+    def add(self, info: tuple) -> None:
+        key, created, dt, approved, passed, negative, b, a, trainable, card, case_id = info
+        wf = self._wf(key)
+        wf.total += 1
+        totals = self.totals
+        totals["total"] += 1
+        if dt is not None and (self.newest is None or dt > self.newest[1]):
+            self.newest = (created, dt)
+        totals["accepted"] += approved
+        totals["redaction_passed"] += passed
+        if negative:
+            wf.negatives += 1
+        if b is not None and a is not None:
+            self.tokens_before.append(b)
+            self.tokens_after.append(a)
+        if not trainable:
+            return
+        totals["trainable"] += 1
+        wf.trainable += 1
+        if card is not None:
+            rules, approvals, goal, tools = card
+            wf.approved += 1
+            wf.rules.update(rules)
+            wf.approvals.update(approvals)
+            if goal:
+                wf.goals[goal] += 1
+            for sig in tools:
+                wf.tools.setdefault(*sig)
+        if case_id is not None:
+            wf.eval_cases.append(case_id)
+            totals["eval_cases"] += 1
+        else:
+            totals["training_examples"] += 1
+
+    def merge(self, other: "_Agg") -> None:
+        """Append the aggregates of the traces right after these."""
+        for key, o in other.wfs.items():
+            wf = self._wf(key)
+            wf.total += o.total
+            wf.approved += o.approved
+            wf.trainable += o.trainable
+            wf.negatives += o.negatives
+            wf.eval_cases.extend(o.eval_cases)
+            wf.rules.update(o.rules)
+            wf.approvals.update(o.approvals)
+            wf.goals.update(o.goals)
+            for name, sig in o.tools.items():
+                wf.tools.setdefault(name, sig)
+        self.totals.update(other.totals)
+        self.tokens_before.extend(other.tokens_before)
+        self.tokens_after.extend(other.tokens_after)
+        if other.newest is not None and (self.newest is None or other.newest[1] > self.newest[1]):
+            self.newest = other.newest
+
+
 _WORKER: dict[str, Any] = {}
 
 
@@ -303,11 +374,11 @@ def _init_worker(params: ExportParams) -> None:
     _WORKER["params"] = params
 
 
-def _block(block: tuple[str, int, int]) -> tuple[bytes, bytes, bytes, list[tuple]]:
-    """A block of whole lines of traces.jsonl -> the three files' lines for it, and the figures."""
+def _block(block: tuple[str, int, int]) -> tuple[bytes, bytes, bytes, _Agg]:
+    """A block of whole lines of traces.jsonl -> the three files' lines for it, and its aggregates."""
     params = _WORKER["params"]
     approved_set = set(params.approved_statuses)
-    records, examples, cases, infos = [], [], [], []
+    records, examples, cases, agg = [], [], [], _Agg()
     for raw in block_lines(*block):
         record, example, case, info = _one(orjson.loads(raw), params, approved_set)
         records.append(record)
@@ -315,79 +386,52 @@ def _block(block: tuple[str, int, int]) -> tuple[bytes, bytes, bytes, list[tuple
             examples.append(example)
         if case is not None:
             cases.append(case)
-        infos.append(info)
-    return tuple(b"".join(x + b"\n" for x in lines) for lines in (records, examples, cases)) + (infos,)
+        agg.add(info)
+    return tuple(b"".join(x + b"\n" for x in lines) for lines in (records, examples, cases)) + (agg,)
 
 
 def export(traces: Iterable[dict], out: Path, params: ExportParams) -> dict:
     """One pass over parsed traces (in this process)."""
     approved_set = set(params.approved_statuses)
+    agg = _Agg()
 
-    def blocks() -> Iterator[tuple[bytes, bytes, bytes, list[tuple]]]:
+    def blocks() -> Iterator[tuple[bytes, bytes, bytes, None]]:
         for t in traces:
             record, example, case, info = _one(t, params, approved_set)
-            yield record + b"\n", example + b"\n" if example else b"", case + b"\n" if case else b"", [info]
+            agg.add(info)
+            yield record + b"\n", example + b"\n" if example else b"", case + b"\n" if case else b"", None
 
-    return _export(blocks(), out, params)
+    return _export(blocks(), out, params, agg)
 
 
 def export_file(path: Path, out: Path, params: ExportParams, workers: int = 1) -> dict:
-    """export() of a traces.jsonl, its traces turned into lines by `workers` processes, a block of whole
-    lines each; imap keeps block order and the aggregates are taken here in trace order, so the outputs
-    don't depend on the worker count or timing."""
+    """export() of a traces.jsonl, its traces turned into lines and block aggregates by `workers`
+    processes, a block of whole lines each; imap keeps block order and the aggregates are merged
+    here in that order, so the outputs don't depend on the worker count or timing."""
     if workers <= 1:
         return export(read_jsonl(path), out, params)
     pool = get_context("fork").Pool(workers, initializer=_init_worker, initargs=(params,))
     try:
-        return _export(pool.imap(_block, line_blocks(path)), out, params)
+        return _export(pool.imap(_block, line_blocks(path)), out, params, _Agg())
     finally:
         pool.terminate()
 
 
-def _export(blocks: Iterable[tuple[bytes, bytes, bytes, list[tuple]]], out: Path, params: ExportParams) -> dict:
-    """Writes the JSONL artifacts as the blocks come; aggregates build cards and metrics."""
-    wfs: dict[tuple[str, str], _Workflow] = {}
-    totals: Counter = Counter()
-    # Compact float arrays, summed with sum() as lists were (the same additions, the same result).
-    tokens_before, tokens_after, newest = array("d"), array("d"), EPOCH
-    newest_dt = _aware(EPOCH)
+def _export(blocks: Iterable[tuple[bytes, bytes, bytes, _Agg | None]], out: Path, params: ExportParams,
+            agg: _Agg) -> dict:
+    """Writes the JSONL artifacts as the blocks come (merging their aggregates into `agg`, if they
+    carry any); then cards and metrics from the aggregates."""
     with (open(out / "trace-records.jsonl", "wb") as f_tr, open(out / "training-examples.jsonl", "wb") as f_te,
           open(out / "eval-cases.jsonl", "wb") as f_ev):
-        for records, examples, cases, infos in blocks:
+        for records, examples, cases, block_agg in blocks:
             f_tr.write(records)
             f_te.write(examples)
             f_ev.write(cases)
-            for key, created, dt, approved, passed, negative, b, a, trainable, card, case_id in infos:
-                wf = wfs.get(key) or wfs.setdefault(key, _Workflow(*key))
-                wf.total += 1
-                totals["total"] += 1
-                if dt is not None and dt > newest_dt:  # the first of the newest stamps wins
-                    newest, newest_dt = created, dt
-                totals["accepted"] += approved
-                totals["redaction_passed"] += passed
-                if negative:
-                    wf.negatives += 1
-                if b is not None and a is not None:
-                    tokens_before.append(b)
-                    tokens_after.append(a)
-                if not trainable:
-                    continue
-                totals["trainable"] += 1
-                wf.trainable += 1
-                if card is not None:
-                    rules, approvals, goal, tools = card
-                    wf.approved += 1
-                    wf.rules.update(rules)
-                    wf.approvals.update(approvals)
-                    if goal:
-                        wf.goals[goal] += 1
-                    for sig in tools:
-                        wf.tools.setdefault(*sig)
-                if case_id is not None:
-                    wf.eval_cases.append(case_id)
-                    totals["eval_cases"] += 1
-                else:
-                    totals["training_examples"] += 1
+            if block_agg is not None:
+                agg.merge(block_agg)
+    wfs, totals, tokens_before, tokens_after = agg.wfs, agg.totals, agg.tokens_before, agg.tokens_after
+    # EPOCH when no trace has an aware stamp later than it.
+    newest = agg.newest[0] if agg.newest is not None and agg.newest[1] > _aware(EPOCH) else EPOCH
 
     cards = [context_card(wfs[k], params) for k in sorted(wfs)]
     write_json(out / "context-cards.json", cards)

@@ -122,3 +122,34 @@ def test_export_file_with_workers_equals_export_in_process(tmp_path, traces):
                                 for p in sorted((tmp_path / name).rglob("*")) if p.is_file()})
     assert outs["plain"] == outs["one"] == outs["two"]
     assert len(outs["plain"][1]) > 5 and outs["plain"][0]["traces"] == len(traces)
+
+
+def test_block_aggregates_merged_in_order_equal_one_pass(traces):
+    import random
+
+    from schemas.params import ExportParams
+
+    p = ExportParams()
+    ts = copy.deepcopy(traces)
+    rng = random.Random(5)
+    for t in rng.sample(ts, 40):  # ties of the newest instant, spelt differently, and stamps it must skip
+        t["created_at"] = rng.choice(["2099-01-01T00:00:00Z", "2099-01-01T00:00:00+00:00", "2099-01-01T01:00:00+01:00",
+                                      "2099-01-01T00:00:00", "not a date", ""])
+    infos = [export._one(t, p, set(p.approved_statuses))[3] for t in ts]
+    one = export._Agg()
+    for info in infos:
+        one.add(info)
+    for _ in range(5):
+        merged, i = export._Agg(), 0
+        while i < len(infos):
+            n = rng.randint(1, 60)
+            part = export._Agg()
+            for info in infos[i:i + n]:
+                part.add(info)
+            merged.merge(part)
+            i += n
+        assert merged.wfs == one.wfs and merged.totals == one.totals and merged.newest == one.newest
+        assert merged.tokens_before == one.tokens_before and merged.tokens_after == one.tokens_after
+        assert all(list(merged.wfs[k].tools) == list(one.wfs[k].tools) for k in one.wfs)
+    assert one.newest[0] == next(t["created_at"] for t in ts if t["created_at"].startswith("2099") and
+                                 t["created_at"] != "2099-01-01T00:00:00")
