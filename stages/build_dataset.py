@@ -364,15 +364,14 @@ def _build(traces_path: Path, rejects_path: Path, export_dir: Path, out_dir: Pat
     eval_rows = SpillSort(tmp)
     stats = Counter()
     files: dict[str, dict[str, Any]] = {}
-    for out, sig in run(_traces_block, line_blocks(traces_path)):
+    for out, sig, block_stats, block_files in run(_traces_block, line_blocks(traces_path)):
+        stats.update(block_stats)
+        for source_file, (bucket, n) in block_files.items():
+            f = files.get(source_file) or files.setdefault(source_file, {"bucket": bucket, "traces": 0})
+            f["traces"] += n
         taken = []
         for r in out:
-            (source_file, bucket, redacted, redactions, tid), kind = r[0], r[1]
-            stats["traces"] += 1
-            f = files.get(source_file) or files.setdefault(source_file, {"bucket": bucket, "traces": 0})
-            f["traces"] += 1
-            stats["rows_with_redactions"] += redacted
-            stats["redactions_applied"] += redactions
+            tid, kind = r[0], r[1]
             if kind == "ineligible":
                 fates["ineligible"] += 1
                 ineligible[r[2][0]] += 1
@@ -461,6 +460,7 @@ def _build(traces_path: Path, rejects_path: Path, export_dir: Path, out_dir: Pat
     # Mixing: each bucket fills at most its quota, in hash order; a short bucket is reported, not refilled.
     split_of = np.zeros(n_examples, dtype=np.uint8)  # by line: 0 not selected, 1 train, 2 val
     bucket_report = {}
+    over_quota: list[np.ndarray] = []
     # The configured buckets, and any other bucket that still has a row.
     names = sorted(set(params.ratios) | {b for b, c in bucket_names.items() if (keep & (buckets == c)).any()})
     for b in names:
@@ -470,8 +470,9 @@ def _build(traces_path: Path, rejects_path: Path, export_dir: Path, out_dir: Pat
         mix = np.fromiter((unit_hash(params.seed, "mix", rids[k].decode()) for k in rows.tolist()), dtype=np.float64,
                           count=len(rows))
         rows = rows[np.lexsort((rids[rows], mix))]
-        for k in rows[quota:].tolist():
-            drop(tids[k].decode(), "over_quota", kind="over_quota")
+        if len(rows) > quota:  # (no key in fates when none, as before)
+            fates["over_quota"] += len(rows) - quota
+            over_quota.append(tids[rows[quota:]])
         chosen = rows[:quota]
         for k in chosen.tolist():
             split = "val" if unit_hash(params.seed, "split", rids[k].decode()) < params.val_ratio else "train"
@@ -479,7 +480,10 @@ def _build(traces_path: Path, rejects_path: Path, export_dir: Path, out_dir: Pat
             fates[split] += 1
         bucket_report[b] = {"available": len(rows), "quota": quota, "selected": len(chosen),
                             "shortfall": max(quota - len(chosen), 0)}
-    del rids, tids, created, buckets, keys, band_hash, keep, line_idx
+    # Over-quota rows are most rows of a big snapshot, all with one reason: their log lines are made
+    # at the end from their trace ids, sorted here, instead of going through the exclusion log's runs.
+    over_tids = np.sort(np.concatenate(over_quota)) if over_quota else np.zeros(0, dtype="S1")
+    del rids, tids, created, buckets, keys, band_hash, keep, line_idx, over_quota
 
     # Pass 3: the selected rows (only those lines are parsed), rescanned as they are written.
     lengths = {"prompt_chars": [], "answer_chars": []}
@@ -514,8 +518,14 @@ def _build(traces_path: Path, rejects_path: Path, export_dir: Path, out_dir: Pat
                 fh.write(b + b"\n")
         digests[name] = h.hexdigest()
     with atomic_open(out_dir / "rejects.jsonl") as fh:
-        for _, line in excl:
+        pending = len(over_tids) > 0
+        for (reason, _), line in excl:  # (reason, trace id) order; the over-quota lines go in at their place
+            if pending and reason > _OVER_QUOTA:
+                _write_over_quota(fh, over_tids)
+                pending = False
             fh.write(line + b"\n")
+        if pending:
+            _write_over_quota(fh, over_tids)
 
     redact_rejects = sum(1 for r in read_jsonl(rejects_path) if r["line"] > 0)
     raw_rows = stats["traces"] + redact_rejects
@@ -539,23 +549,30 @@ def _init_worker(params: BuildDatasetParams, redactor: Redactor, canaries: Canar
                    eval_at=eval_at, eval_path=eval_path)
 
 
-def _traces_block(block: tuple[str, int, int]) -> tuple[list[tuple], np.ndarray]:
-    """Pass 1 on a block of traces: per trace ((source file, bucket, redactions, id), kind, ...) where
-    kind is "ineligible" (+ reasons), None (in the training pool), "filtered" (+ reason) or "eval"
-    (+ row id, the row's line, its rescan, its signature's index); and the eval rows' signatures."""
+def _traces_block(block: tuple[str, int, int]) -> tuple[list[tuple], np.ndarray, Counter, dict[str, list]]:
+    """Pass 1 on a block of traces: (trace id, kind, ...) for each trace that is not simply in the
+    training pool, where kind is "ineligible" (+ reasons), "filtered" (+ reason) or "eval" (+ row id,
+    the row's line, its rescan, its signature's index); the eval rows' signatures; the block's trace
+    and redaction counts; and its source files (-> [bucket of the first trace, traces])."""
     params, near, scan_row, eval_at = (_WORKER[k] for k in ("params", "near", "scan_row", "eval_at"))
     out: list[tuple] = []
     hashes: list[np.ndarray] = []
+    stats: Counter = Counter()
+    files: dict[str, list] = {}
     with open(_WORKER["eval_path"], "rb") as eval_fh:
         for raw in block_lines(*block):
             t = orjson.loads(raw)
-            info = (t["source_file"], t["bucket"], bool(t["redactions"]), sum(t["redactions"].values()), t["id"])
+            stats["traces"] += 1
+            f = files.get(t["source_file"]) or files.setdefault(t["source_file"], [t["bucket"], 0])
+            f[1] += 1
+            stats["rows_with_redactions"] += bool(t["redactions"])
+            stats["redactions_applied"] += sum(t["redactions"].values())
+            info = t["id"]
             if not t["trainable"]:
                 out.append((info, "ineligible", t["ineligible"]))
                 continue
             pos = eval_at.get(t["id"])
             if pos is None:
-                out.append((info, None))
                 continue
             reason = quality_reason(t["messages"], t["outcome"], params)
             if reason:
@@ -572,7 +589,7 @@ def _traces_block(block: tuple[str, int, int]) -> tuple[list[tuple], np.ndarray]
             # (the rescan is nearly always empty: None then, cheaper to send back than a Counter)
             out.append((info, "eval", rid, dumps(split_row), scan_row(split_row) or None, len(hashes)))
             hashes.append(shingle_hashes(t["messages"], near.n))
-    return out, near.signatures(hashes)
+    return out, near.signatures(hashes), stats, files
 
 
 def _examples_block(block: tuple[str, int, int]) -> tuple[list[tuple], np.ndarray]:
@@ -591,6 +608,15 @@ def _examples_block(block: tuple[str, int, int]) -> tuple[list[tuple], np.ndarra
         out.append((tid, None, row_id(meta["messages"]), meta["bucket"], meta.get("created_at") or "", len(hashes)))
         hashes.append(shingle_hashes(meta["messages"], near.n))
     return out, near.signatures(hashes)
+
+
+_OVER_QUOTA = "over_quota"
+
+
+def _write_over_quota(fh: Any, tids: np.ndarray) -> None:
+    """The exclusion log's over-quota lines, `tids` sorted (as bytes: the order of their str for UTF-8)."""
+    for tid in tids.tolist():
+        fh.write(dumps({"trace_id": tid.decode(), "reason": _OVER_QUOTA}) + b"\n")
 
 
 def _selected_block(task: tuple[tuple[str, int, int], bytes]) -> list[tuple]:
