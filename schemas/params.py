@@ -41,6 +41,7 @@ class ExportParams(_Params):
         description="approved traces per workflow at which each flywheel tier opens, lowest first",
     )
     negatives_share_for_top_tier: float = Field(0.1, ge=0, le=1, description="negatives/approved needed by the last tier")
+    workers: int = Field(0, ge=0, description="processes that turn traces into lines; 0 = one per core (same bytes)")
 
 
 class BuildDatasetParams(_Params):
@@ -60,6 +61,7 @@ class BuildDatasetParams(_Params):
     near_dedup_shingle: int = Field(5, ge=1, description="word n-gram size")
     min_redaction_rate: float = Field(0.0, ge=0, le=1)
     contract_version: str = "1.0"
+    workers: int = Field(0, ge=0, description="processes for parsing, signatures and the rescan; 0 = one per core (same bytes)")
 
     @model_validator(mode="after")
     def _ratios_sum(self) -> "BuildDatasetParams":

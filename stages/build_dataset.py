@@ -26,7 +26,7 @@ from schemas.params import BuildDatasetParams, RedactParams
 from schemas.records import DatasetManifest, SplitRow
 from stages.core import (SpillSort, atomic_open, block_lines, content_id, dumps, line_blocks, load_params,
                          read_jsonl, unit_hash, write_json)
-from stages.detectors import _BATCH_SEP, Redactor
+from stages.detectors import BATCH_SEP, Redactor
 from stages.leaks import Canaries, scan_text, strings
 
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -654,12 +654,12 @@ class _RowScanner:
         texts: list[str] = []
         _strings_into(row, texts)
         found: Counter = Counter()
-        hits = self.redactor.scan(_BATCH_SEP.join(texts))
+        hits = self.redactor.scan(BATCH_SEP.join(texts))
         if hits:
             starts, pos = [], 0
             for t in texts:
                 starts.append(pos)
-                pos += len(t) + len(_BATCH_SEP)
+                pos += len(t) + len(BATCH_SEP)
             per: dict[int, set[str]] = {}
             for f in hits:
                 per.setdefault(bisect.bisect_right(starts, f.start) - 1, set()).add(f.detector)
@@ -769,8 +769,7 @@ def main(argv: list[str] | None = None) -> None:
     rp = load_params(args.params, "redact", RedactParams)
     redactor = Redactor(ip_public_only=rp.ip_public_only, entropy_threshold=rp.entropy_threshold,
                         entropy_min_len=rp.entropy_min_len, disabled=frozenset(rp.disabled_detectors))
-    # The worker count of redact's params (no build_dataset setting yet): outputs don't depend on it.
-    workers = rp.workers or os.cpu_count() or 1
+    workers = params.workers or os.cpu_count() or 1
     res = build(args.traces, args.rejects, args.export, args.out, params, redactor,
                 Canaries(rp.canaries, rp.canary_sha256), workers=workers)
     inputs = {"traces": args.traces, "rejects": args.rejects,

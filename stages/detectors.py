@@ -24,7 +24,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["DETECTORS", "PLACEHOLDER_RE", "Finding", "Placeholders", "Redactor"]
+__all__ = ["BATCH_SEP", "DETECTORS", "PLACEHOLDER_RE", "Finding", "Placeholders", "Redactor"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,7 +428,7 @@ def _ends_placeholder(text: str, i: int) -> bool:
 
 def _after_nul(low: bytes, lo: int, i: int) -> int:
     """`lo`, or just past the last NUL in low[lo:i]: context never reaches back into the previous string
-    of a batch (`_BATCH_SEP` holds a NUL), so a string is redacted the same alone or batched."""
+    of a batch (`BATCH_SEP` holds a NUL), so a string is redacted the same alone or batched."""
     z = low.rfind(b"\x00", lo, i)
     return lo if z < 0 else z + 1
 
@@ -446,7 +446,7 @@ def _in_url_userinfo(text: str, ls: int) -> bool:
 _Cand = tuple  # (start, end, detector, kind)
 # Joins a trace's strings for one scan. Every pattern stops at a newline, and the two that look
 # further (PEM END, the entropy window) stop at NUL, so no finding crosses it.
-_BATCH_SEP = "\n\x00\n"
+BATCH_SEP = "\n\x00\n"
 _MAX_PASSES = 8
 _GLUE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-+@\\~%")
 
@@ -523,10 +523,10 @@ class Redactor:
             table.reserve(t)
         if len(texts) < 2:
             return [self.redact(t, table) for t in texts]
-        return self.settle_many(texts, self.scan(_BATCH_SEP.join(texts)), table)
+        return self.settle_many(texts, self.scan(BATCH_SEP.join(texts)), table)
 
     def settle_many(self, texts: Sequence[str], found: list[Finding], table: Placeholders) -> list[str]:
-        """Apply the findings of one scan of `_BATCH_SEP.join(texts)` to each text; the rest of `redact_many`.
+        """Apply the findings of one scan of `BATCH_SEP.join(texts)` to each text; the rest of `redact_many`.
 
         Split out so that a caller which built the joined text some cheaper way (stages.redact does
         it from orjson's output, without a Python walk) and found nothing never builds `texts`.
@@ -537,7 +537,7 @@ class Redactor:
         starts, pos = [], 0
         for t in texts:
             starts.append(pos)
-            pos += len(t) + len(_BATCH_SEP)
+            pos += len(t) + len(BATCH_SEP)
         by_text: dict[int, list[Finding]] = {}
         for f in found:
             i = bisect.bisect_right(starts, f.start) - 1

@@ -489,7 +489,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params, "export", ExportParams)
     with atomic_dir(args.out) as tmp:
         # One process per core (no export setting yet): the outputs don't depend on the count.
-        summary = export_file(args.traces, tmp, params, workers=os.cpu_count() or 1)
+        summary = export_file(args.traces, tmp, params, workers=params.workers or os.cpu_count() or 1)
     write_json(args.metrics, summary)
     print(f"export: {summary['traces']} traces -> {summary['training_examples']} training examples, "
           f"{summary['eval_cases']} eval cases, {summary['context_cards']} context cards")

@@ -30,7 +30,7 @@ import orjson
 from schemas.params import RedactParams
 from schemas.records import Reject
 from stages.core import KeyedHasher, atomic_dir, atomic_open, dumps, load_key, load_params, write_json
-from stages.detectors import _BATCH_SEP, Finding, Placeholders, Redactor
+from stages.detectors import BATCH_SEP, Finding, Placeholders, Redactor
 from stages.readers import ParseError, normalize, normalize_arguments, parse_line
 
 # Snapshot sub-folder -> mixing bucket. approved-runs and traces are both real work.
@@ -151,10 +151,10 @@ def _arguments_text(messages: list[dict]) -> None:
 # costs ~0.4 us a string, ~60 strings a trace). orjson writes a dict's keys and values in the same
 # order as _collect visits them, and every string as a JSON literal between two unescaped quotes, so
 # splitting its output on '"' gives the literals at the odd positions. Joining them with the JSON form
-# of the separator and decoding once yields exactly `_BATCH_SEP.join(texts)`. A quote inside a string
+# of the separator and decoding once yields exactly `BATCH_SEP.join(texts)`. A quote inside a string
 # is written `\"`; before splitting, escaped backslashes and escaped quotes become control bytes that
 # orjson never writes unescaped (it escapes everything below 0x20), and are put back before decoding.
-_SEP_JSON = orjson.dumps(_BATCH_SEP)[1:-1]
+_SEP_JSON = orjson.dumps(BATCH_SEP)[1:-1]
 _ESC_BS, _ESC_Q = b"\x01\x01", b"\x02"
 
 
@@ -237,7 +237,7 @@ class _Pending:
         self.lits: list[bytes] = []
         self.hidden = False
         self.todo: list[bytes] = []  # the literals to scan: those not known clean
-        self.text = ""  # _BATCH_SEP.join(decoded todo): what the detectors scan for this record
+        self.text = ""  # BATCH_SEP.join(decoded todo): what the detectors scan for this record
         self.done: dict[str, Any] | None = None  # set when the record was redacted on the spot
         self.keyed: list[tuple[str, str, str]] = []  # secrets named by their key (_keyed_secrets)
 
@@ -277,9 +277,9 @@ def _scan_many(pending: list[_Pending], redactor: Redactor) -> list[list[Finding
     for p in pending:
         starts.append(pos)
         texts.append(p.text)
-        pos += len(p.text) + len(_BATCH_SEP)
+        pos += len(p.text) + len(BATCH_SEP)
     per: list[list[Finding]] = [[] for _ in pending]
-    found = redactor.scan(_BATCH_SEP.join(texts)) if pos > len(_BATCH_SEP) * len(pending) else []
+    found = redactor.scan(BATCH_SEP.join(texts)) if pos > len(BATCH_SEP) * len(pending) else []
     for f in found:
         k = bisect.bisect_right(starts, f.start) - 1
         base = starts[k]

@@ -6,7 +6,7 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stages.detectors import _BATCH_SEP, Placeholders, Redactor
+from stages.detectors import BATCH_SEP, Placeholders, Redactor
 from stages.redact import (CleanCache, _arguments_json, _arguments_text, _collect, _decode, _literals, _rebuild,
                            redact_fields)
 
@@ -44,8 +44,8 @@ def test_literals_give_the_walk_strings(obj):
     if not texts:
         return  # the stage decodes only for >= 2 strings
     assert _decode(b'["' + b'","'.join(lits) + b'"]', hidden) == texts
-    sep = orjson.dumps(_BATCH_SEP)[1:-1]
-    assert _decode(b'"' + sep.join(lits) + b'"', hidden) == _BATCH_SEP.join(texts)
+    sep = orjson.dumps(BATCH_SEP)[1:-1]
+    assert _decode(b'"' + sep.join(lits) + b'"', hidden) == BATCH_SEP.join(texts)
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
