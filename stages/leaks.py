@@ -78,19 +78,43 @@ def scan_text(text: str, redactor: Redactor, canaries: Canaries) -> set[str]:
     return found
 
 
+def pairs(obj: Any) -> Iterator[tuple[str, str]]:
+    """Every (key, string value) of every object in a JSON value."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if isinstance(v, str):
+                yield k, v
+            else:
+                yield from pairs(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from pairs(v)
+
+
+def scan_json(obj: Any, redactor: Redactor, canaries: Canaries) -> dict[str, str]:
+    """detector -> the first string it fires on, for a decoded JSON value: each string alone, plus
+    redact's key=value rule on object members (`{"password": "..."}`), as redact sees a record. JSON
+    punctuation is never scanned as text, so `"pass": 1734` in a tokenizer's vocabulary is no finding."""
+    found: dict[str, str] = {}
+    for piece in strings(obj):
+        for d in scan_text(piece, redactor, canaries):
+            found.setdefault(d, piece)
+    for k, v in pairs(obj):
+        hit = redactor.key_value(k, v)
+        if hit:
+            found.setdefault(hit[0], v)
+    return found
+
+
 def _line_hits(suffix: str, raw: bytes, redactor: Redactor, canaries: Canaries) -> list[str]:
-    """Detectors that fire on one physical line. JSON lines are decoded first, so an escaped value
-    (\n inside a PEM block, \u0040 for @) is seen as written; the raw text is scanned too, since a
-    detector may need the punctuation that decoding removes."""
-    text = raw.decode("utf-8", errors="replace")
-    found = scan_text(text, redactor, canaries)
-    if suffix == ".jsonl" and raw.strip():
+    """Detectors that fire on one physical line. A JSON line is decoded first, so an escaped value
+    (\n inside a PEM block, \u0040 for @) is seen as written; a line that isn't JSON is scanned as text."""
+    if suffix in (".jsonl", ".json") and raw.strip():
         try:
-            for piece in strings(orjson.loads(raw)):
-                found |= scan_text(piece, redactor, canaries)
+            return sorted(scan_json(orjson.loads(raw), redactor, canaries))
         except orjson.JSONDecodeError:
             pass
-    return sorted(found)
+    return sorted(scan_text(raw.decode("utf-8", errors="replace"), redactor, canaries))
 
 
 def _safetensors_header(path: Path) -> bytes | None:
@@ -103,26 +127,30 @@ def _safetensors_header(path: Path) -> bytes | None:
         return None
 
 
-def _whole_json(path: Path, redactor: Redactor, canaries: Canaries) -> set[str]:
-    """Pretty-printed JSON: every decoded string, for escapes that the line scan can't see."""
+def _whole_json(path: Path, redactor: Redactor, canaries: Canaries) -> list[Hit] | None:
+    """A (pretty-printed) JSON file, decoded whole; each hit at the line where the string it fired on
+    is written (0 when it can't be found as written). None when the file is not JSON."""
+    raw = path.read_bytes()
     try:
-        obj = orjson.loads(path.read_bytes())
+        obj = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return set()
-    found: set[str] = set()
-    for piece in strings(obj):
-        found |= scan_text(piece, redactor, canaries)
-    return found
+        return None
+    hits = []
+    for det, piece in scan_json(obj, redactor, canaries).items():
+        at = raw.find(orjson.dumps(piece)[1:-1]) if piece else -1
+        hits.append(Hit(path.name, raw.count(b"\n", 0, at) + 1 if at >= 0 else 0, det))
+    return hits
 
 
 def scan_file(path: Path, name: str, redactor: Redactor, canaries: Canaries) -> list[Hit]:
+    if path.suffix == ".json":
+        whole = _whole_json(path, redactor, canaries)
+        if whole is not None:
+            return [Hit(name, h.line, h.detector) for h in whole]
     hits: list[Hit] = []
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             hits += [Hit(name, lineno, d) for d in _line_hits(path.suffix, raw, redactor, canaries)]
-    if path.suffix == ".json":  # found only after decoding: reported at line 0
-        seen = {h.detector for h in hits}
-        hits += [Hit(name, 0, d) for d in sorted(_whole_json(path, redactor, canaries) - seen)]
     return hits
 
 
@@ -182,10 +210,15 @@ def scan_paths(paths: Iterable[Path], redactor: Redactor, canaries: Canaries, ro
                 hits.append(Hit(name, 0, "unreadable_safetensors_header"))
             else:
                 hits += [Hit(name, 0, d) for d in _line_hits(".json", header, redactor, canaries)]
+        elif f.suffix == ".json" and (whole := _whole_json(f, redactor, canaries)) is not None:
+            stats["json_files"] += 1  # scanned whole, as decoded JSON
+            size = f.stat().st_size
+            stats["bytes"] += size
+            with open(f, "rb") as fh:
+                stats["lines"] += sum(1 for _ in fh)
+            hits += [Hit(name, h.line, h.detector) for h in whole]
         elif f.suffix in TEXT_SUFFIXES:
             text_files.append((f, name))
-            if f.suffix == ".json":
-                hits += [Hit(name, 0, d) for d in sorted(_whole_json(f, redactor, canaries))]
         else:
             stats["skipped_binary"] += 1  # no text to leak through a report
     batches = _batches(text_files, stats)
@@ -197,11 +230,9 @@ def scan_paths(paths: Iterable[Path], redactor: Redactor, canaries: Canaries, ro
         _init(redactor, canaries)
         for b in batches:
             hits += _work(b)
-    # A .json file's line-0 hit is only kept when no line of that file shows the same detector.
-    shown = {(h.file, h.detector) for h in hits if h.line > 0}
-    hits = sorted({h for h in hits if h.line > 0 or (h.file, h.detector) not in shown})
+    hits = sorted(set(hits))
     by_det = Counter(h.detector for h in hits)
-    return {"files": len(text_files) + stats["safetensors_headers"], "skipped_binary": stats["skipped_binary"],
+    return {"files": len(text_files) + stats["safetensors_headers"] + stats["json_files"], "skipped_binary": stats["skipped_binary"],
             "lines": stats["lines"], "bytes": stats["bytes"], "hits": [h.__dict__ for h in hits],
             "by_detector": dict(sorted(by_det.items()))}
 

@@ -46,3 +46,15 @@ def test_safetensors_metadata_is_scanned_and_workers_agree(tmp_path):
     assert {"file": "broken.safetensors", "line": 0, "detector": "unreadable_safetensors_header"} in one["hits"]
     assert not any(h["file"] == "clean.safetensors" for h in one["hits"])
     assert [h["line"] for h in one["hits"] if h["file"] == "big.jsonl"] == [i + 1 for i in range(3000) if i % 97 == 3]
+
+
+def test_json_is_scanned_as_json_keyed_secrets_found_and_syntax_never_read_as_text(tmp_path):
+    (tmp_path / "cfg.json").write_text(json.dumps(
+        {"model": "x", "login": {"password": "Hunter2-xyz", "note": "mail bob@acme-corp.com"}}, indent=2))
+    # a tokenizer vocabulary: `"pass": 1734` is a word and its id, not a password assignment
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"vocab": {"pass": 1734, "Ġpassword": 17, "token": 9}}, indent=2))
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"args": {"api_key": "k_9fQ2xLm7Rt"}}) + "\n"
+                                         + json.dumps({"pass": 1734}) + "\n")
+    rep = scan_paths([tmp_path], Redactor(), Canaries(), root=tmp_path)
+    assert [(h["file"], h["line"], h["detector"]) for h in rep["hits"]] == [
+        ("cfg.json", 4, "secret_assignment"), ("cfg.json", 5, "email"), ("rows.jsonl", 1, "secret_assignment")]
