@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import os
+import re
 from collections import Counter
 from itertools import filterfalse
 from multiprocessing import get_context
@@ -158,45 +159,54 @@ _SEP_JSON = orjson.dumps(BATCH_SEP)[1:-1]
 _ESC_BS, _ESC_Q = b"\x01\x01", b"\x02"
 
 
-def _split(fields: dict[str, Any]) -> tuple[list[bytes], bool, bool]:
-    """orjson's output split on unescaped quotes: literals at odd positions, and after each literal
-    the text up to the next one (`:` exactly when the literal is a key and its value a string)."""
+def _split(fields: dict[str, Any]) -> tuple[list[bytes], bool, bool, bytes]:
+    """orjson's output split on unescaped quotes (literals at odd positions), whether escapes were
+    hidden, whether a '<' occurs, and the output itself (escapes hidden)."""
     try:
         data = orjson.dumps(fields)
     except orjson.JSONEncodeError:  # only for callers that built fields without orjson (ints > 64 bits)
-        return [], False, False
+        return [], False, False, b""
     hidden = b'\\"' in data
     if hidden:  # left to right, `\\` pairs first: a `\\` before a quote is an escaped backslash
         data = data.replace(b"\\\\", _ESC_BS).replace(b'\\"', _ESC_Q)
-    return data.split(b'"'), hidden, b"<" in data
+    return data.split(b'"'), hidden, b"<" in data, data
 
 
 def _literals(fields: dict[str, Any]) -> tuple[list[bytes], bool, bool]:
     """The JSON string literals (without quotes) of `fields` in _collect order; whether escapes were
     hidden; whether any string holds a '<' (orjson never escapes it), i.e. may hold a placeholder."""
-    parts, hidden, lt = _split(fields)
+    parts, hidden, lt, _ = _split(fields)
     return parts[1::2], hidden, lt
 
 
-_KEY_ROOTS = (b"pass", b"pwd", b"secret", b"token", b"key", b"auth", b"cred")
+# An object member whose key holds a secret-ish root and whose value is a string, in orjson's compact
+# output (only keys end in `":"`). Most records hold no root at all: seven C-level finds rule them out.
+_ROOTS = (b"pass", b"pwd", b"secret", b"token", b"key", b"auth", b"cred")
+_KEYED = re.compile(rb'(?:pass|pwd|secret|token|key|auth|cred)[^"]{0,64}":"')
 
 
-def _keyed_secrets(parts: list[bytes], hidden: bool, redactor: Redactor) -> list[tuple[str, str, str]]:
-    """(value, detector, kind) for every `"<secret-ish key>": "<string>"` pair of the record.
+def _keyed_secrets(data: bytes, hidden: bool, redactor: Redactor) -> list[tuple[str, str, str]]:
+    """(value, detector, kind) for every `"<secret-ish key>": "<string>"` member of the record.
 
     The detectors see one string at a time, so `{"password": "hunter2"}` (tool-call arguments, metadata)
-    would pass: the key names the secret, the value alone looks like nothing. A cheap root test on the
-    key comes first; the few candidates go through the key=value rule of the detectors."""
+    would pass: the key names the secret, the value alone looks like nothing."""
+    low = data.lower()
+    for r in _ROOTS:
+        if r in low:
+            break
+    else:
+        return []
     found = []
-    for k in range(1, len(parts) - 2, 2):
-        if parts[k + 1] != b":":
-            continue  # not a key, or its value is not a string
-        low = parts[k].lower()
-        if any(r in low for r in _KEY_ROOTS):
-            key, value = _decode(b'"' + parts[k] + b'"', hidden), _decode(b'"' + parts[k + 2] + b'"', hidden)
-            hit = redactor.key_value(key, value)
-            if hit:
-                found.append((value, *hit))
+    for m in _KEYED.finditer(low):
+        ks = low.rfind(b'"', 0, m.start()) + 1
+        ve = data.find(b'"', m.end())
+        if ks < 2 or data[ks - 2] not in b"{," or ve < 0:
+            continue
+        key = _decode(b'"' + data[ks:m.end() - 3] + b'"', hidden)
+        value = _decode(b'"' + data[m.end():ve] + b'"', hidden)
+        hit = redactor.key_value(key, value)
+        if hit:
+            found.append((value, *hit))
     return found
 
 
@@ -247,9 +257,9 @@ def _prepare(fields: dict[str, Any], redactor: Redactor, cache: CleanCache | Non
     included) and reserve the placeholders already in them; the scan itself comes later."""
     _arguments_json(fields["messages"])
     p = _Pending(fields)
-    parts, p.hidden, lt = _split(fields)
+    parts, p.hidden, lt, data = _split(fields)
     p.lits = parts[1::2]
-    p.keyed = _keyed_secrets(parts, p.hidden, redactor)
+    p.keyed = _keyed_secrets(data, p.hidden, redactor)
     if len(p.lits) < 2:  # redact_many redacts a lone string on its own; keep that path exact (and the walk)
         texts: list[str] = []
         _collect(fields, texts)
