@@ -268,26 +268,29 @@ class SpillSort:
         return heapq.merge(*(self._read(p) for p in self._runs), key=itemgetter(0))
 
 
-def line_blocks(path: str | os.PathLike, block: int = 1 << 20) -> Iterator[tuple[str, int, int]]:
-    """(path, offset, length) of consecutive blocks of whole lines that cover the file, in order.
+def line_blocks(path: str | os.PathLike, block: int = 1 << 20, numbered: bool = False) -> Iterator[tuple]:
+    """(path, offset, length) of consecutive blocks of whole lines that cover the file, in order; with
+    `numbered`, also the number of the block's first line.
 
     For handing a file to worker processes that read their blocks themselves: the parent only looks
     for line ends (C speed) instead of splitting, pickling and sending every line.
     """
     with open(path, "rb") as fh:
-        offset, tail = 0, b""
+        offset, lineno, tail = 0, 1, b""
         while True:
             buf = fh.read(block)
             if not buf:
                 if tail:  # the last line has no newline
-                    yield str(path), offset, len(tail)
+                    yield (str(path), offset, len(tail)) + ((lineno,) if numbered else ())
                 return
             data = tail + buf
             cut = data.rfind(b"\n") + 1
             if cut == 0:  # one line longer than a block: read on to its end
                 tail = data
                 continue
-            yield str(path), offset, cut
+            yield (str(path), offset, cut) + ((lineno,) if numbered else ())
+            if numbered:
+                lineno += data.count(b"\n", 0, cut)
             offset += cut
             tail = data[cut:]
 

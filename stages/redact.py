@@ -30,7 +30,7 @@ import orjson
 
 from schemas.params import RedactParams
 from schemas.records import Reject
-from stages.core import KeyedHasher, atomic_dir, atomic_open, dumps, load_key, load_params, write_json
+from stages.core import KeyedHasher, atomic_dir, atomic_open, dumps, line_blocks, load_key, load_params, write_json
 from stages.detectors import BATCH_SEP, Finding, Placeholders, Redactor
 from stages.readers import ParseError, normalize, normalize_arguments, parse_line
 
@@ -72,23 +72,8 @@ def plan_blocks(files: Iterable[tuple[str, str, Path]],
                 block: int = BLOCK_BYTES) -> Iterator[tuple[str, str, str, int, int, int]]:
     """(rel, bucket, path, offset, length, first line number) for blocks of whole lines, in file order."""
     for rel, bucket, path in files:
-        with open(path, "rb") as fh:
-            offset, lineno, tail = 0, 1, b""
-            while True:
-                buf = fh.read(block)
-                if not buf:
-                    if tail:  # the last line has no newline
-                        yield rel, bucket, str(path), offset, len(tail), lineno
-                    break
-                data = tail + buf
-                cut = data.rfind(b"\n") + 1
-                if cut == 0:  # one line longer than a block: read on to its end
-                    tail = data
-                    continue
-                yield rel, bucket, str(path), offset, cut, lineno
-                lineno += data.count(b"\n", 0, cut)
-                offset += cut
-                tail = data[cut:]
+        for blk in line_blocks(path, block, numbered=True):
+            yield (rel, bucket, *blk)
 
 
 def block_lines(path: str, offset: int, length: int, first: int) -> Iterator[tuple[int, bytes | None]]:
