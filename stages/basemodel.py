@@ -21,12 +21,14 @@ from collections import defaultdict
 from typing import Any, Sequence
 
 from schemas.training import EmbeddedBaseParams
+from stages.chat import render_tool_call
 
 SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"]
 PAD, EOS = "<|pad|>", "<|end|>"
 
 # The end-of-turn token sits inside {% generation %}: assistant-only loss then trains the model to stop.
-# Tool calls render as plain text, so that a decoded prediction compares with stages.eval.reference_text().
+# Tool calls render in stages.chat's Hermes format (arguments parsed by train first), so a decoded prediction
+# compares with stages.chat.reference_text() and parses with stages.chat.parse_tool_calls().
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] not in ['system', 'user', 'assistant', 'tool'] -%}"
@@ -36,10 +38,9 @@ CHAT_TEMPLATE = (
     "{{ '<|assistant|>' }}{% generation %}"
     "{{ message['content'] if message['content'] is string else '' }}"
     "{%- for call in message.get('tool_calls', []) -%}"
-    "{{ '<tool_call>' ~ call['function']['name'] ~ ' ' }}"
-    "{{ call['function']['arguments'] if call['function']['arguments'] is string "
-    "else call['function']['arguments'] | tojson }}"
-    "{{ '</tool_call>' }}"
+    "{%- if not loop.first or (message['content'] is string and message['content']) -%}{{ '\\n' }}{%- endif -%}"
+    "{{ '<tool_call>\\n{\"name\": ' ~ (call['function']['name'] | tojson) ~ ', \"arguments\": ' }}"
+    "{{ call['function']['arguments'] | tojson }}{{ '}\\n</tool_call>' }}"
     "{%- endfor -%}"
     "{{ '<|end|>' }}{% endgeneration %}"
     "{%- else -%}"
@@ -59,7 +60,7 @@ def corpus_texts(rows: Sequence[dict]) -> list[str]:
                 out.append(m["content"])
             for call in m.get("tool_calls") or []:
                 fn = call.get("function", {})
-                out.append(f"{fn.get('name', '')} {fn.get('arguments', '')}")
+                out.append(render_tool_call(str(fn.get("name", "")), fn.get("arguments", {})))
     return out
 
 

@@ -20,27 +20,14 @@ from typing import Any, Sequence
 
 from schemas.training import EvalParams, EvalResults
 from stages import metrics as M
+from stages.chat import parse_tools, reference_text
 from stages.core import content_id, load_params, read_json, read_jsonl, write_json, write_jsonl, write_text
-from stages.train import parse_tools
 
 MODELS = ("baseline", "adapter")
 
 
 def log(msg: str) -> None:
     print(f"[eval] {msg}", file=sys.stderr, flush=True)
-
-
-def reference_text(message: dict) -> str:
-    """The answer text a model should generate for this assistant message (tool calls as the embedded template
-    renders them)."""
-    text = message.get("content") if isinstance(message.get("content"), str) else ""
-    for call in message.get("tool_calls") or []:
-        fn = call.get("function", {})
-        args = fn.get("arguments", "")
-        if not isinstance(args, str):
-            args = json.dumps(args, ensure_ascii=False)
-        text += f"<tool_call>{fn.get('name', '')} {args}</tool_call>"
-    return text.strip()
 
 
 def load_cases(val_path: str | None, eval_path: str, include_val: bool, max_examples: int | None) -> list[dict]:

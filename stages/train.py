@@ -38,6 +38,7 @@ from typing import Any, Iterable, Sequence
 import yaml
 
 from schemas.training import TrainParams
+from stages.chat import normalize_tool_calls, parse_tools
 from stages.core import content_id, load_params, read_json, read_jsonl, write_json, write_text
 
 ROLES = {"system", "user", "assistant", "tool"}
@@ -89,20 +90,11 @@ def load_rows(paths: Iterable[str]) -> list[dict]:
     return rows
 
 
-def parse_tools(tools: Any) -> list | None:
-    """Tool schemas for templates that render them (JSON string or list); the embedded template ignores them."""
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools)
-        except ValueError:
-            return None
-    return tools if isinstance(tools, list) and tools else None
-
-
 def _clean_message(m: dict) -> dict:
     out = {"role": m["role"], "content": m.get("content") if isinstance(m.get("content"), str) else ""}
     if m.get("tool_calls"):
-        out["tool_calls"] = m["tool_calls"]
+        # Parsed arguments: every template (the embedded one, the built-ins, Qwen's) renders `arguments | tojson`.
+        out["tool_calls"] = normalize_tool_calls(m["tool_calls"])
     if m.get("tool_call_id"):
         out["tool_call_id"] = m["tool_call_id"]
     if m.get("name"):

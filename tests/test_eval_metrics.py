@@ -9,7 +9,8 @@ import pytest
 
 from schemas.training import EvalParams
 from stages import metrics as M
-from stages.eval import build_results, reference_text, score_predictions, workflow_csv
+from stages.chat import reference_text
+from stages.eval import build_results, score_predictions, workflow_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 N = M.Normalizer()
@@ -195,5 +196,5 @@ def test_missing_model_row_is_an_error():
 def test_reference_text_renders_tool_calls():
     msg = {"role": "assistant", "content": "",
            "tool_calls": [{"id": "c", "type": "function", "function": {"name": "lookup", "arguments": '{"q": 1}'}}]}
-    assert reference_text(msg) == '<tool_call>lookup {"q": 1}</tool_call>'
+    assert reference_text(msg) == '<tool_call>\n{"name": "lookup", "arguments": {"q": 1}}\n</tool_call>'
     assert reference_text({"role": "assistant", "content": " ok "}) == "ok"
