@@ -65,9 +65,9 @@ gate: install key
 	dvc repro gate
 	$(BIN)/python -m stages.gate --print-decision data/gate/gate_decision.json
 
-# make bench [BENCH_N=100000] [BENCH_ARGS="--profile --repeat 3 --no-naive --no-extras"]:
-# time redact/export/build_dataset on a seeded synthetic corpus against an orjson floor and a naive
-# json+re.sub script; writes bench/results.json and prints a table (see bench/README.md).
+# make bench [BENCH_N=100000] [BENCH_ARGS="--profile --repeat 3 --no-openclaw --no-extras"]:
+# time redact/export/build_dataset on a seeded synthetic corpus against an orjson floor and an openclaw-equivalent
+# build script (bench/openclaw.py) and a full `dvc repro` of the data stages; writes bench/results.json and prints a table (see bench/README.md).
 BENCH_N ?= 100000
 BENCH_ARGS ?=
 bench: install

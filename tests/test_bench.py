@@ -54,7 +54,7 @@ def test_smoke_run_writes_results_with_the_agreed_structure(tmp_path):
         [sys.executable, "-m", "bench.run", "--n", "300", "--work", str(tmp_path / "work"), "--out", str(out), "--no-extras"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "redact" in proc.stdout and "naive" in proc.stdout  # the printed table
+    assert "redact" in proc.stdout and "openclaw" in proc.stdout  # the printed table
     text = out.read_text()
     res = json.loads(text)
     assert text == orjson.dumps(res, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2).decode() + "\n"  # sorted keys
@@ -62,25 +62,25 @@ def test_smoke_run_writes_results_with_the_agreed_structure(tmp_path):
     assert set(res["stages"]) == set(STAGES)
     for name in STAGES:
         st = res["stages"][name]
-        for k in (*FIGURES, "ratio_to_floor", "speedup_vs_naive"):
+        for k in (*FIGURES, "ratio_to_floor", "speedup_vs_openclaw"):
             assert isinstance(st[k], (int, float)) and st[k] > 0, (name, k, st.get(k))
-    for ref in ("floor", "naive"):
+    for ref in ("floor", "openclaw"):
         for k in FIGURES:
             assert res[ref][k] > 0, (ref, k)
-    assert res["pipeline"]["traces_per_s"] > 0 and res["pipeline"]["speedup_vs_naive"] > 0
+    assert res["pipeline"]["traces_per_s"] > 0 and res["pipeline"]["speedup_vs_openclaw"] > 0
     assert res["stages"]["redact"]["counts"]["records"] == 300
     assert res["near_dedup"].get("rows", 0) > 0 or "skipped" in res["near_dedup"]
     assert res["extras"]["noop_repro"] == {"skipped": "--no-extras"}
     # Bulky reference outputs are not left behind; the stage outputs are, for inspection.
     work = tmp_path / "work"
-    assert not (work / "floor").exists() and not (work / "naive").exists()
+    assert not (work / "floor").exists() and not (work / "openclaw").exists()
     assert (work / "data" / "build_dataset" / "dataset_manifest.json").is_file()
 
 
 def test_refuses_to_clear_a_folder_it_did_not_make(tmp_path):
     (tmp_path / "keep.txt").write_text("precious")
     proc = subprocess.run([sys.executable, "-m", "bench.run", "--n", "5", "--work", str(tmp_path), "--out",
-                           str(tmp_path / "r.json"), "--no-extras", "--no-naive"],
+                           str(tmp_path / "r.json"), "--no-extras", "--no-openclaw"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "refusing" in proc.stderr
     assert (tmp_path / "keep.txt").read_text() == "precious"
