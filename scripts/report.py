@@ -137,6 +137,11 @@ def loss_plot(cwd: Path, base_rev: str | None, png: Path) -> str:
     except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
         return f"_No loss plot: DVC returned no `{PLOT}` plot (has `dvc repro` written metrics/train_loss.csv?)_"
     spec.update(width=640, height=320)
+    values = (spec.get("data") or {}).get("values")
+    if isinstance(values, list):
+        # val_loss exists only at eval steps; DVC's rows for the other steps carry "" as y, which Vega
+        # would draw at 0. Leave them out so each curve joins its own points.
+        spec["data"] = {**spec["data"], "values": [v for v in values if v.get("dvc_inferred_y_value") not in ("", None)]}
     try:
         import vl_convert
     except ImportError:
@@ -160,12 +165,16 @@ def _decision_line(cwd: Path) -> str:
     return f"**Gate: {verdict}** ({len(checks) - len(failed)}/{len(checks)} checks; {tail})"
 
 
-def _section(title: str, rc_out: tuple[int, str], empty: str) -> list[str]:
+def _section(title: str, rc_out: tuple[int, str], empty: str, fold: bool = False) -> list[str]:
     rc, out = rc_out
     if rc != 0:
         return [f"## {title}", "", f"_`dvc` failed: {out.splitlines()[-1] if out else 'no output'}_", ""]
-    # A table with a header row only means nothing changed.
-    return [f"## {title}", "", out if out.count("\n") > 1 else empty, ""]
+    rows = out.count("\n") - 1  # header and rule lines; a header alone means nothing changed
+    if rows < 1:
+        return [f"## {title}", "", empty, ""]
+    if fold:  # a long table collapsed, so that the PR comment opens on the decision
+        return [f"## {title}", "", f"<details><summary>{rows} values changed</summary>", "", out, "", "</details>", ""]
+    return [f"## {title}", "", out, ""]
 
 
 def build(cwd: Path, base: str, out: Path) -> str:
@@ -179,7 +188,7 @@ def build(cwd: Path, base: str, out: Path) -> str:
     lines += ["## Gate", "", demote(gate_md.read_text(encoding="utf-8").strip()) if gate_md.is_file()
               else "_No data/gate/gate.md: run `dvc repro` first._", ""]
     lines += _section(f"Metrics vs {against}", _dvc(["metrics", "diff", *diff_args, "--md"], cwd),
-                      "_No metric changed._")
+                      "_No metric changed._", fold=True)
     lines += _section(f"Params vs {against}", _dvc(["params", "diff", *diff_args, "--md"], cwd),
                       "_No param changed._")
     params = yaml.safe_load((cwd / "params.yaml").read_text(encoding="utf-8")) or {}
