@@ -389,6 +389,12 @@ def test_skill_names_only_commands_that_exist_and_keeps_the_rules():
     assert str(user_key_path({"HOME": "~"})) in body  # ~/.config/agent-flywheel/id_key: where core.find_key looks
 
 
+def test_claude_code_and_opencode_find_the_skill_in_the_repo():
+    link = ROOT / ".claude/skills/agent-flywheel"
+    assert link.is_symlink() and link.resolve() == (ROOT / "skills/agent-flywheel").resolve()
+    assert (link / "SKILL.md").is_file()
+
+
 def test_readme_commands_exist():
     text = (ROOT / "README.md").read_text()
     blocks = "\n".join(re.findall(r"```bash\n(.*?)```", text, re.S))

@@ -2,6 +2,8 @@
 commands with nothing but the venv activated (no FLYWHEEL_* variable, no Makefile): `dvc repro` has nothing to
 do, a gate experiment reruns only the gate, a queued two-value sweep runs in DVC's temp copies (which hold only
 tracked files, DVC issue #8854) and finds the key, `dvc exp show`, `dvc metrics diff` and `dvc plots diff` work.
+Then the README's five peft lines load the adapter, and a GTO-style tag `flywheel-adapter@v1.0.0` fetches it back
+with `dvc artifacts get`.
 
 Kept small so that it fits in `make test`: the clone reuses this checkout's venv (a symlink, as `make install`
 would have made it) and commits a reduced model half (4 LoRA steps, 8 eval cases) in its params.yaml. The data
@@ -124,6 +126,20 @@ def test_fresh_clone_make_demo_then_plain_dvc_daily_loop(tmp_path):
         sh("dvc params diff")
         sh("dvc plots diff")
         assert (dest / "dvc_plots/index.html").is_file()
+
+        # README, "Using a promoted adapter": its five peft lines load the adapter this clone trained ...
+        readme = (dest / "README.md").read_text()
+        snippet = re.search(r"```python\n(.*?)```", readme[readme.index("## Using a promoted adapter"):], re.S).group(1)
+        assert len(snippet.strip().splitlines()) == 5
+        (tmp_path / "use_adapter.py").write_text(snippet + "out = model.generate(**inputs, max_new_tokens=8)\n"
+                                                 "assert out.shape[1] > inputs['input_ids'].shape[1]\n")
+        sh(f"python {tmp_path / 'use_adapter.py'}")
+        # ... and a GTO-style version tag of the flywheel-adapter artifact fetches it back
+        sh("git add -A && git commit -qm 'flywheel: promote adapter' && "
+           "git tag -a flywheel-adapter@v1.0.0 -m 'Registering artifact flywheel-adapter version v1.0.0'")
+        sh(f"dvc artifacts get {dest} flywheel-adapter --rev v1.0.0 -o {tmp_path / 'got'}")
+        assert (tmp_path / "got/adapter_config.json").read_bytes() == \
+            (dest / "data/train/adapter/adapter_config.json").read_bytes()
     finally:
         subprocess.run("dvc queue stop --kill", shell=True, cwd=dest, env=env, capture_output=True, timeout=120)
     assert not any(key in o for o in setup.seen + sh.seen), "the key was printed"
