@@ -18,6 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from stages.core import KeyedHasher
@@ -64,6 +65,7 @@ def _ran(out: str) -> set[str]:
     return set(re.findall(r"Running stage '(\w+)'", out))
 
 
+@pytest.mark.done_criterion
 def test_fresh_clone_make_demo_then_plain_dvc_daily_loop(tmp_path):
     dest = tmp_path / "clone"
     _copy_checkout(dest)
@@ -90,6 +92,8 @@ def test_fresh_clone_make_demo_then_plain_dvc_daily_loop(tmp_path):
     try:
         out = sh("dvc repro")
         assert not _ran(out) and "Data and pipelines are up to date" in out, out
+        out = sh("dvc repro build_dataset")  # a single stage (and what it depends on)
+        assert not _ran(out) and "Stage 'train' didn't change" not in out, out
 
         out = sh("dvc exp run -S gate.min_delta_exact_match=0.3")
         assert _ran(out) == {"gate"}, out
@@ -140,6 +144,10 @@ def test_fresh_clone_make_demo_then_plain_dvc_daily_loop(tmp_path):
         sh(f"dvc artifacts get {dest} flywheel-adapter --rev v1.0.0 -o {tmp_path / 'got'}")
         assert (tmp_path / "got/adapter_config.json").read_bytes() == \
             (dest / "data/train/adapter/adapter_config.json").read_bytes()
+        sh("git tag -a 'flywheel-adapter#prod#1' -m 'Assigning stage prod to artifact flywheel-adapter version v1.0.0'")
+        sh(f"dvc artifacts get {dest} flywheel-adapter --stage prod -o {tmp_path / 'prod'}")
+        assert (tmp_path / "prod/adapter_model.safetensors").read_bytes() == \
+            (dest / "data/train/adapter/adapter_model.safetensors").read_bytes()
     finally:
         subprocess.run("dvc queue stop --kill", shell=True, cwd=dest, env=env, capture_output=True, timeout=120)
     assert not any(key in o for o in setup.seen + sh.seen), "the key was printed"
