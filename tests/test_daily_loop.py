@@ -268,7 +268,7 @@ def test_make_report_writes_one_markdown_file_with_everything(tmp_path):
     text = (repo / "report/report.md").read_text()
     assert "**Gate: PROMOTE** (2/2 checks; all checks pass)" in text
     assert "### Adapter gate: PROMOTE" in text  # gate.md nested one level down
-    assert re.search(r"^## Metrics vs `main`\n\n\| Path .*\n.*\n\| metrics/train.json +\| train_loss +\| 2\.0 +\| 1\.5 +\| -0\.5 ",
+    assert re.search(r"^## Metrics vs `main`\n\n<details><summary>2 values changed</summary>\n\n\| Path .*\n.*\n\| metrics/train.json +\| train_loss +\| 2\.0 +\| 1\.5 +\| -0\.5 ",
                      text, re.M), text
     assert "**LOOSENED**: `gate.min_delta_exact_match` 0.05 -> 0.01" in text
     assert "| ALL | 20 | 0.100 | 0.350 | +0.250 | 0.200 | +0.150 |" in text
