@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 import yaml
 
-from stages.core import write_text
+from stages.core import atomic_open, write_text
 
 MARKER = "<!-- agent-flywheel-report -->"  # lets CI find and update its own comment
 GATE_MD = Path("data/gate/gate.md")
@@ -146,8 +146,7 @@ def loss_plot(cwd: Path, base_rev: str | None, png: Path) -> str:
         import vl_convert
     except ImportError:
         return "_No loss plot: vl-convert-python is not installed (`make install`)_"
-    png.parent.mkdir(parents=True, exist_ok=True)
-    with open(png, "wb") as fh:
+    with atomic_open(png) as fh:
         fh.write(vl_convert.vegalite_to_png(spec, scale=1.5))
     return f"![{PLOT}: loss and val_loss per optimizer step]({png.name})"
 
