@@ -12,9 +12,8 @@ export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
-export FLYWHEEL_ID_KEY_FILE ?= $(CURDIR)/.flywheel/id_key
 
-.PHONY: install snapshot demo test repro gate ingest schemas bench bench-redaction clean-outputs
+.PHONY: install key snapshot demo test repro gate ingest schemas bench bench-redaction clean-outputs report
 
 install: $(VENV)/.installed
 
@@ -24,12 +23,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
 	touch $@
 
-# The id-hashing key: made once per machine; a team shares one (see README, "Keys").
-key: .flywheel/id_key
-.flywheel/id_key:
-	@mkdir -p .flywheel && chmod 700 .flywheel
-	@umask 077 && $(PYTHON) -c "import secrets; print(secrets.token_hex(32))" > $@
-	@echo "created $@ (a new random id-hashing key; share it with your team to reproduce their outputs)"
+# The id-hashing key, found by every `dvc` command (queued experiments too): FLYWHEEL_ID_KEY, the file
+# FLYWHEEL_ID_KEY_FILE names, or the per-user ${XDG_CONFIG_HOME:-~/.config}/agent-flywheel/id_key, which
+# this creates once (or copies from an earlier version's .flywheel/id_key). A team shares one (README, "Keys").
+key: install
+	@$(BIN)/python -m scripts.key
 
 snapshot:
 	@if [ -z "$$(find data/raw -name '*.jsonl' 2>/dev/null | head -1)" ]; then \
@@ -77,3 +75,10 @@ bench: install
 # F2 and the benign cases it changed; writes metrics/redaction_quality.json (see bench/redaction.py).
 bench-redaction: install
 	$(BIN)/python -m bench.redaction --cases tests/fixtures/redaction/labelled.jsonl --out metrics/redaction_quality.json
+
+# make report [BASE=main] [REPORT=report/report.md]: one Markdown review report (gate.md, `dvc metrics diff --md`
+# and params changes against BASE, per-workflow deltas, the loss plot as a PNG beside it). CI posts it on the PR.
+BASE ?= main
+REPORT ?= report/report.md
+report: install
+	$(BIN)/python -m scripts.report --base "$(BASE)" --out "$(REPORT)"

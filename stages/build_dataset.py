@@ -25,7 +25,7 @@ from datasketch import MinHashLSH
 from schemas.params import BuildDatasetParams, RedactParams
 from schemas.records import DatasetManifest, SplitRow
 from stages.core import (SpillSort, atomic_open, block_lines, content_id, dumps, line_blocks, load_params,
-                         read_jsonl, unit_hash, write_json)
+                         progress, read_jsonl, unit_hash, write_json)
 from stages.detectors import BATCH_SEP, Redactor
 from stages.leaks import Canaries, scan_text, strings
 
@@ -364,7 +364,9 @@ def _build(traces_path: Path, rejects_path: Path, export_dir: Path, out_dir: Pat
     eval_rows = SpillSort(tmp)
     stats = Counter()
     files: dict[str, dict[str, Any]] = {}
-    for out, sig, block_stats, block_files in run(_traces_block, line_blocks(traces_path)):
+    tblocks = list(line_blocks(traces_path))
+    for out, sig, block_stats, block_files in progress(run(_traces_block, tblocks), tblocks, "build_dataset traces",
+                                                       lambda r: r[2]["traces"]):
         stats.update(block_stats)
         for source_file, (bucket, n) in block_files.items():
             f = files.get(source_file) or files.setdefault(source_file, {"bucket": bucket, "traces": 0})
@@ -403,7 +405,7 @@ def _build(traces_path: Path, rejects_path: Path, export_dir: Path, out_dir: Pat
     n_examples = 0
     blocks = list(line_blocks(export_dir / "training-examples.jsonl"))
     block_rows = []  # rows (non-blank lines) of each block, to hand pass 3 its slice of split_of
-    for out, sig in run(_examples_block, blocks):
+    for out, sig in progress(run(_examples_block, blocks), blocks, "build_dataset examples", lambda r: len(r[0])):
         block_rows.append(len(out))
         taken = []
         for r in out:

@@ -12,10 +12,12 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import tempfile
+import time
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Iterable, Iterator, TypeVar
+from typing import IO, Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import orjson
 import xxhash
@@ -178,21 +180,66 @@ class KeyedHasher:
         return hashlib.blake2b(b"agent-flywheel key fingerprint", key=self._key, digest_size=6).hexdigest()
 
 
-def load_key(env: dict[str, str] | None = None) -> bytes:
-    """The id-hashing key: FLYWHEEL_ID_KEY, or the file named by FLYWHEEL_ID_KEY_FILE.
+KEY_ENV, KEY_FILE_ENV = "FLYWHEEL_ID_KEY", "FLYWHEEL_ID_KEY_FILE"
+LEGACY_KEY_FILE = Path(".flywheel") / "id_key"  # relative to the repo root, where DVC runs every stage
 
-    No default key: a public default would make keyed hashes as guessable as plain ones.
+
+def user_key_path(env: Mapping[str, str] | None = None) -> Path:
+    """The per-user key file: $XDG_CONFIG_HOME/agent-flywheel/id_key (default ~/.config/...).
+
+    Outside the repo on purpose: `dvc exp run --queue/--temp` runs in a temp copy that holds only
+    tracked files (DVC issue #8854), so a key kept as an untracked file in the repo is not there.
     """
     env = os.environ if env is None else env
-    if env.get("FLYWHEEL_ID_KEY"):
-        return env["FLYWHEEL_ID_KEY"].encode("utf-8")
-    key_file = env.get("FLYWHEEL_ID_KEY_FILE")
-    if key_file and Path(key_file).is_file():
-        return Path(key_file).read_bytes().strip()
-    raise SystemExit(
-        "no id-hashing key: set FLYWHEEL_ID_KEY or FLYWHEEL_ID_KEY_FILE "
-        "(`make key` creates .flywheel/id_key; share it through your secrets manager, see README)"
-    )
+    base = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME") or Path.home()) / ".config")
+    return Path(base) / "agent-flywheel" / "id_key"
+
+
+def _read_key_file(path: Path) -> bytes:
+    key = path.read_bytes().strip()
+    if not key:
+        raise SystemExit(f"no id-hashing key: {path} is empty (delete it and run `make key`, or put the team key in it)")
+    return key
+
+
+def find_key(env: Mapping[str, str] | None = None, cwd: Path | None = None) -> tuple[bytes, str]:
+    """(key, where it came from), searched in order: FLYWHEEL_ID_KEY, the file FLYWHEEL_ID_KEY_FILE
+    names, the per-user file (user_key_path), then the repo's .flywheel/id_key of earlier versions.
+
+    `where` names a variable or a path, never the key. No default key: a public default would make
+    keyed hashes as guessable as plain ones.
+    """
+    env = os.environ if env is None else env
+    if env.get(KEY_ENV):
+        return env[KEY_ENV].encode("utf-8"), KEY_ENV
+    if env.get(KEY_FILE_ENV):
+        # Set explicitly: a missing file is a mistake to report, not a reason to look elsewhere.
+        path = Path(env[KEY_FILE_ENV]).expanduser()
+        if not path.is_file():
+            raise SystemExit(f"no id-hashing key: {KEY_FILE_ENV}={path} does not exist (fix the path, or unset it "
+                             f"and run `make key`)")
+        return _read_key_file(path), str(path)
+    user, legacy = user_key_path(env), (cwd or Path.cwd()) / LEGACY_KEY_FILE
+    if user.is_file():
+        key = _read_key_file(user)
+        if legacy.is_file() and _read_key_file(legacy) != key:
+            # Two keys would hash ids two ways depending on where a stage runs: refuse, name both.
+            raise SystemExit(f"two different id-hashing keys: {user} and {legacy}; keep the team's one in {user} "
+                             f"and delete {legacy}")
+        return key, str(user)
+    if legacy.is_file():
+        return _read_key_file(legacy), str(LEGACY_KEY_FILE)
+    raise SystemExit(f"no id-hashing key: run `make key` (creates {user}), or set {KEY_ENV} or {KEY_FILE_ENV} "
+                     f"to the team key (see README, Keys)")
+
+
+def load_key(env: Mapping[str, str] | None = None) -> bytes:
+    """The id-hashing key (see find_key for where it is looked for)."""
+    key, where = find_key(env)
+    if where == str(LEGACY_KEY_FILE):
+        print(f"note: the id key came from {LEGACY_KEY_FILE}, which `dvc exp run --queue` can't see; "
+              f"`make key` copies it to {user_key_path(env)}", file=sys.stderr)
+    return key
 
 
 def load_params(path: str | os.PathLike, section: str, model: type[M]) -> M:
@@ -306,3 +353,64 @@ def block_lines(path: str, offset: int, length: int) -> Iterator[bytes]:
             raw = raw[3:]
         if raw.strip():
             yield raw
+
+
+class Progress:
+    """Progress of a long stage on stderr: records done, rate, share of the input and ETA.
+
+    Rate-limited: the first line comes after `every` seconds and then at most one per `every`
+    seconds, so a small input prints nothing and a large one a line every few seconds. It writes to
+    `stream` (stderr) only, never to an output, and what it prints has no effect on any output.
+    FLYWHEEL_PROGRESS_SECONDS sets `every` (0: a line per update; "off" or a negative number: silent).
+    """
+
+    def __init__(self, label: str, total_bytes: int = 0, every: float | None = None, stream: IO[str] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.label, self.total = label, total_bytes
+        self.every = _progress_every() if every is None else every
+        self.stream, self.clock = stream, clock
+        self.records = self.bytes = self.lines = 0
+        self.start = self._last = clock()
+
+    def update(self, records: int, nbytes: int = 0) -> None:
+        self.records += records
+        self.bytes += nbytes
+        if self.every < 0:
+            return
+        now = self.clock()
+        if now - self._last >= self.every:
+            self._last = now
+            self._write(now)
+
+    def _write(self, now: float) -> None:
+        elapsed = max(now - self.start, 1e-9)
+        line = f"{self.label}: {self.records:,} records, {self.records / elapsed:,.0f}/s"
+        if self.total and self.bytes:
+            share = min(self.bytes / self.total, 1.0)
+            eta = elapsed * (1 - share) / share
+            line += f", {share:.0%} of {self.total / 1e6:,.1f} MB, ETA {int(eta // 60)}:{int(eta % 60):02d}"
+        print(line, file=self.stream or sys.stderr, flush=True)
+        self.lines += 1
+
+
+def _progress_every(default: float = 5.0) -> float:
+    raw = os.environ.get("FLYWHEEL_PROGRESS_SECONDS", "").strip().lower()
+    if not raw:
+        return default
+    if raw == "off":
+        return -1.0
+    try:
+        return float(raw)
+    except ValueError:
+        raise SystemExit(f"FLYWHEEL_PROGRESS_SECONDS={raw!r}: expected seconds (a number) or 'off'") from None
+
+
+def progress(results: Iterable[Any], blocks: Sequence[tuple], label: str, records: Callable[[Any], int],
+             length_at: int = 2, **kw: Any) -> Iterator[Any]:
+    """Yield `results` unchanged (one per block of `blocks`, in order, as pool.imap gives them) while a
+    Progress counts `records(result)` records and the block's byte length (blocks[i][length_at])."""
+    total = sum(b[length_at] for b in blocks)
+    p = Progress(label, total, **kw)
+    for res, blk in zip(results, blocks, strict=True):
+        p.update(records(res), blk[length_at])
+        yield res

@@ -21,7 +21,7 @@ import orjson
 from schemas.params import ExportParams
 from schemas.records import ContextCard, EvalCase, FlywheelMetrics, TraceRecord, TrainingExample
 from stages.core import (atomic_dir, block_lines, content_id, dumps, line_blocks, load_params, read_jsonl, safe_name,
-                         unit_hash, write_json, write_text)
+                         progress, unit_hash, write_json, write_text)
 
 EPOCH = "1970-01-01T00:00:00Z"  # created_at of traces that carry none: explicit, never "now"
 _FAILURE_TEXT = {
@@ -412,7 +412,9 @@ def export_file(path: Path, out: Path, params: ExportParams, workers: int = 1) -
         return export(read_jsonl(path), out, params)
     pool = get_context("fork").Pool(workers, initializer=_init_worker, initargs=(params,))
     try:
-        return _export(pool.imap(_block, line_blocks(path)), out, params, _Agg())
+        blocks = list(line_blocks(path))
+        return _export(progress(pool.imap(_block, blocks), blocks, "export", lambda r: r[0].count(b"\n")),
+                       out, params, _Agg())
     finally:
         pool.terminate()
 

@@ -30,7 +30,8 @@ import orjson
 
 from schemas.params import RedactParams
 from schemas.records import Reject
-from stages.core import KeyedHasher, atomic_dir, atomic_open, dumps, line_blocks, load_key, load_params, write_json
+from stages.core import (KeyedHasher, atomic_dir, atomic_open, dumps, line_blocks, load_key, load_params, progress,
+                         write_json)
 from stages.detectors import BATCH_SEP, Finding, Placeholders, Redactor
 from stages.readers import ParseError, normalize, normalize_arguments, parse_line
 
@@ -455,7 +456,7 @@ def run(raw_root: Path, out_traces: Path, out_rejects: Path, params: RedactParam
     traces_with_redactions = 0
     workers = params.workers or os.cpu_count() or 1
     stats["files"] = len(files)
-    blocks = plan_blocks(files)
+    blocks = list(plan_blocks(files))
     with atomic_open(out_traces) as ft, atomic_open(out_rejects) as fr:
         for rej in file_rejects:
             fr.write(dumps(rej) + b"\n")
@@ -468,6 +469,7 @@ def run(raw_root: Path, out_traces: Path, out_rejects: Path, params: RedactParam
             pool = None
             _init(params, key)
             results = map(_work, blocks)
+        results = progress(results, blocks, "redact", lambda r: r[2] - r[3], length_at=4)  # stderr only
         try:
             for rel, bucket, lines, blank, out in results:
                 stats["lines"] += lines
