@@ -180,7 +180,9 @@ def _image(part: dict, where: str, ctx: _Ctx) -> str:
     meta: dict[str, Any] = {"at": where, "type": part.get("type")}
     src = part.get("source") if isinstance(part.get("source"), dict) else None
     url = part.get("image_url")
-    url = url.get("url") if isinstance(url, dict) else url
+    if isinstance(url, dict):
+        meta.update({k: v for k, v in url.items() if k != "url"})  # detail, ...
+        url = url.get("url")
     if src is not None:
         meta.update({k: v for k, v in src.items() if k != "data"})
         if isinstance(src.get("data"), str):

@@ -1,0 +1,236 @@
+"""Real agent trace formats, one fixture each (tests/fixtures/formats/, built from each format's public
+documentation and public samples): what each reader keeps, and that nothing is dropped silently."""
+from __future__ import annotations
+
+import ast
+import json
+import re
+import shutil
+from pathlib import Path
+
+import orjson
+import pytest
+
+from conftest import ROOT, TEST_KEY
+from schemas.params import RedactParams
+from schemas.records import Reject, Trace
+from stages import redact
+from stages.detectors import PLACEHOLDER_RE, Placeholders, Redactor
+from stages.readers import ParseError, normalize, parse_line, session_traces, sniff_file
+
+FIXTURES = ROOT / "tests" / "fixtures" / "formats"
+EXPECTED_FORMAT = {
+    "anthropic_messages.jsonl": "anthropic", "claude_code_session.jsonl": "claude_code",
+    "codex_rollout.jsonl": "codex", "codex_rollout_legacy.jsonl": "codex", "hermes_function_calling.jsonl": "hermes",
+    "llamafactory_typed_parts.jsonl": "openai", "openai_legacy.jsonl": "openai", "openai_responses.jsonl": "responses",
+}
+
+
+def traces_of(name: str) -> list[dict]:
+    path = FIXTURES / name
+    lines = [(i + 1, l.rstrip(b"\n")) for i, l in enumerate(open(path, "rb")) if l.strip()]
+    fmt = sniff_file(path)
+    if fmt != "records":
+        return [r for _, r, _ in session_traces(fmt, [(n, parse_line(l)) for n, l in lines])]
+    return [normalize(parse_line(l)) for _, l in lines]
+
+
+def calls(m: dict) -> list[tuple[str, str, dict]]:
+    return [(c["id"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in m.get("tool_calls") or []]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_FORMAT))
+def test_every_fixture_parses_in_its_format(name):
+    recs = traces_of(name)
+    assert recs and all(not isinstance(r, ParseError) for r in recs)
+    assert {r["format"] for r in recs} == {EXPECTED_FORMAT[name]}
+    for r in recs:  # every tool result answers a call made before it
+        made = set()
+        for m in r["messages"]:
+            made |= {c[0] for c in calls(m)}
+            if m["role"] == "tool":
+                assert m.get("tool_call_id") in made
+
+
+def test_claude_code_session_one_trace_per_thread():
+    main, side = traces_of("claude_code_session.jsonl")
+    roles = [m["role"] for m in main["messages"]]
+    assert roles == ["user", "assistant", "tool", "assistant", "tool", "tool", "user", "assistant", "tool", "assistant"]
+    # the three events of one streamed reply (thinking, text, tool_use) are one assistant turn
+    assert main["messages"][1]["content"] == "I'll run the test to see the failure."
+    assert [c[1] for c in calls(main["messages"][1])] == ["Bash"]
+    assert [c[1] for c in calls(main["messages"][3])] == ["Read", "Grep"]  # parallel calls
+    assert main["messages"][6]["content"].endswith("[image]")
+    assert main["omitted"] == {"image": 1, "off_thread_message": 1, "thinking": 1, "tool_error": 1}
+    assert main["extra"]["tool_errors"] == ["toolu_03"] and main["extra"]["model_used"] == "claude-sonnet-4-5"
+    assert "iVBORw0KGgo" not in json.dumps(main)  # inline image bytes: their size is kept, not the bytes
+    assert main["project"] == "invoice-app" and main["workflow"] == "claude_code" and main["source"] == "claude_code"
+    assert side["workflow"] == "claude_code_subagent" and side["omitted"] == {"sidechain_events": 2}
+    assert side["source_id"] != main["source_id"]
+
+
+def test_codex_rollouts_both_generations():
+    (new,) = traces_of("codex_rollout.jsonl")
+    assert [m["role"] for m in new["messages"]] == ["user", "user", "assistant", "tool", "assistant", "tool", "assistant"]
+    assert calls(new["messages"][2])[0][:2] == ("call_kx1", "shell")
+    assert calls(new["messages"][4])[0][2].startswith("*** Begin Patch")  # a freeform custom tool call
+    assert new["omitted"] == {"thinking": 1} and new["extra"]["model_used"] == "gpt-5-codex"
+    assert new["created_at"] == "2025-10-29T00:59:38.317Z" and new["project"] == "svc-billing"
+    (old,) = traces_of("codex_rollout_legacy.jsonl")
+    assert old["messages"][0] == {"role": "system", "content": "Prefer small diffs."}
+    assert old["source_id"] == "8a1d4c55-0e2b-4f6a-9c7d-3b2e1f0a9d88"
+
+
+def test_anthropic_system_blocks_parallel_calls_errors_and_a_call_as_the_answer():
+    first, second = traces_of("anthropic_messages.jsonl")
+    assert first["messages"][0] == {"role": "system", "content": "You are a travel assistant. Use the tools for live data."}
+    assert [c[1] for c in calls(first["messages"][2])] == ["get_weather", "get_time"]
+    assert [m.get("tool_call_id") for m in first["messages"][3:5]] == ["toolu_01A09q90qw90lq917835lq9", "toolu_01B"]
+    assert first["extra"]["tool_errors"] == ["toolu_01B"] and first["omitted"]["thinking"] == 1
+    assert first["tools"][0]["function"]["parameters"]["required"] == ["city"]  # input_schema -> parameters
+    assert second["messages"][0]["content"] == "You file expense reports through the tools."
+    last = second["messages"][-1]
+    assert last["role"] == "assistant" and last["content"] == "" and calls(last)[0][1] == "file_expense"
+
+
+def test_openai_legacy_functions_and_typed_parts():
+    legacy, drone = traces_of("openai_legacy.jsonl")
+    assert legacy["tools"][0]["function"]["name"] == "get_stock_price"
+    assert calls(legacy["messages"][2]) == [("call_1", "get_stock_price", {"ticker": "ACME"})]
+    assert legacy["messages"][3] == {"role": "tool", "content": '{"price": 41.25, "currency": "USD"}',
+                                     "name": "get_stock_price", "tool_call_id": "call_1"}
+    assert legacy["messages"][1]["content"] == "How is ACME trading? Chart attached.\n[image]"
+    assert legacy["extra"]["images"][0]["url"] == "https://example.com/acme-chart.png"
+    assert legacy["extra"]["function_call"] == "auto"
+    assert calls(drone["messages"][-1]) == [("call_d1", "takeoff_drone", {"altitude": 10})]
+
+
+def test_hermes_tags_become_calls_with_ids():
+    one, two = traces_of("hermes_function_calling.jsonl")
+    assert calls(one["messages"][2]) == [("call_1", "get_stock_fundamentals", {"symbol": "TSLA"})]  # a Python literal
+    assert one["messages"][3]["role"] == "tool" and one["messages"][3]["tool_call_id"] == "call_1"
+    assert "<tool_response>" not in one["messages"][3]["content"]
+    assert [c[2]["to"] for c in calls(two["messages"][-1])] == ["EUR", "GBP"] and two["messages"][-1]["content"] == ""
+    # a block that does not parse stays text: nothing is invented, nothing lost
+    r = normalize({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "<tool_call>not json</tool_call>"}]})
+    assert r["format"] == "sharegpt" and r["messages"][-1]["content"] == "<tool_call>not json</tool_call>"
+
+
+def test_llamafactory_value_parts():
+    movie, circles = traces_of("llamafactory_typed_parts.jsonl")
+    assert movie["messages"][0]["content"] == "You are a methodical assistant that uses tools."
+    assert calls(movie["messages"][2])[0][1:] == ("get_movie_details", {"title": "Inception"})
+    assert movie["omitted"] == {"thinking": 2} and len(movie["extra"]["thinking"]) == 2
+    assert [c[2]["radius"] for c in calls(circles["messages"][-1])] == [1.5, 3]
+
+
+def test_responses_items():
+    (r,) = traces_of("openai_responses.jsonl")
+    assert [m["role"] for m in r["messages"]] == ["system", "user", "assistant", "tool", "assistant"]
+    assert r["tools"][0]["function"]["name"] == "get_order" and r["tools"][0]["function"]["strict"] is True
+
+
+@pytest.mark.parametrize("rec,reason,names", [
+    ({"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]}, "unsupported_part", "document"),
+    ({"messages": [{"role": "assistant", "content": [{"type": "tool_use", "input": {}}]}]}, "invalid_tool_call", "tool_use"),
+    ({"messages": [{"role": "assistant", "content": [{"type": "tool_call", "value": "{oops"}]}]}, "invalid_tool_call", "content[0]"),
+    ({"system": 5, "messages": []}, "wrong_type", "system"),
+])
+def test_what_cannot_be_mapped_is_a_reject_naming_the_field(rec, reason, names):
+    with pytest.raises(ParseError) as exc:
+        normalize(rec)
+    assert exc.value.reason == reason and names in exc.value.detail
+
+
+def test_unknown_message_and_item_fields_are_kept():
+    r = normalize({"messages": [{"role": "user", "content": "a", "weight": 0},
+                                {"role": "assistant", "content": "b", "refusal": None, "reasoning_content": "hmm"}]})
+    assert r["extra"]["message_fields"] == [{"at": "messages[0]", "weight": 0},
+                                            {"at": "messages[1]", "refusal": None, "reasoning_content": "hmm"}]
+    r = normalize({"input": [{"role": "user", "content": "q"}, {"type": "web_search_call", "id": "ws_1", "status": "completed"}]})
+    assert r["omitted"] == {"item_web_search_call": 1} and r["extra"]["items"][0]["id"] == "ws_1"
+
+
+# ---------------------------------------------------------------- every leaf string ends up somewhere
+_STRUCTURAL = {"type", "role", "from"}  # the readers dispatch on these; an unknown value is a reject
+
+
+def _leaves(obj, path=()):
+    if isinstance(obj, str):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _leaves(v, path + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _leaves(v, path + (i,))
+
+
+def _exempt(path, value) -> bool:
+    if path and path[-1] in _STRUCTURAL:
+        return True
+    if path[-2:] == ("source", "data") or (isinstance(value, str) and value.startswith("data:image")):
+        return True  # inline image bytes: kept as their size (tested above), by policy
+    return bool(path) and path[-1] in ("sessionId",) or path == ("id",)  # the source id: hashed into the trace id
+
+
+def _blob(trace: dict) -> str:
+    texts = [s for _, s in _leaves(trace)]
+    for m in trace["messages"]:
+        for c in m.get("tool_calls") or ():
+            texts += [s for _, s in _leaves(json.loads(c["function"]["arguments"]))]
+    return "\x00".join(texts)
+
+
+def _kept(s: str, blob: str, redactor: Redactor) -> bool:
+    if s in blob:
+        return True
+    red = redactor.redact_many([s], Placeholders())[0]
+    if red != s:  # redaction placeholders count as kept, whatever their number in the trace
+        pattern = "".join(r"<[A-Z][A-Z0-9_]*_\d+>" if i % 3 == 1 else re.escape(p)
+                          for i, p in enumerate(PLACEHOLDER_RE.split(red)) if i % 3 != 2)
+        if re.search(pattern, blob):
+            return True
+    tagged = re.split(r"<tool_(?:call|response)>(.*?)</tool_(?:call|response)>", s, flags=re.S)
+    if len(tagged) > 1:  # Hermes tags become structure: each block's strings, and the text around them
+        return all(_kept(p.strip(), blob, redactor) for p in tagged if p.strip())
+    inner = s.strip()  # JSON (or Python-literal) text becomes structure: its strings must be kept
+    for parse in (orjson.loads, ast.literal_eval):
+        try:
+            value = parse(inner)
+        except Exception:
+            continue
+        if isinstance(value, (dict, list)):
+            return all(_kept(v, blob, redactor) for p, v in _leaves(value) if not _exempt(p, v))
+    return False
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_FORMAT))
+def test_every_leaf_string_reaches_a_trace_or_a_reject(tmp_path, name):
+    raw = tmp_path / "raw"
+    (raw / "traces").mkdir(parents=True)
+    shutil.copy(FIXTURES / name, raw / "traces" / name)
+    params = RedactParams(workers=1)
+    m = redact.run(raw, tmp_path / "traces.jsonl", tmp_path / "rejects.jsonl", params, TEST_KEY)
+    traces = [Trace.model_validate(orjson.loads(l)).model_dump(mode="json") for l in open(tmp_path / "traces.jsonl", "rb")]
+    rejected = {Reject.model_validate(orjson.loads(l)).line for l in open(tmp_path / "rejects.jsonl", "rb")}
+    assert m["traces"] == len(traces) and traces
+    blob = "\x01".join(_blob(t) for t in traces)
+    redactor = Redactor()
+    missing = []
+    for lineno, line in enumerate(open(FIXTURES / name, "rb"), start=1):
+        if lineno in rejected or not line.strip():
+            continue
+        for path, s in _leaves(orjson.loads(line)):
+            if not _exempt(path, s) and not _kept(s, blob, redactor):
+                missing.append((lineno, path, s[:60]))
+    assert not missing
+    assert all(t["source_run_id_hash"] for t in traces if t["format"] in ("claude_code", "codex", "anthropic"))
+
+
+def test_the_leaf_check_can_fail(tmp_path):
+    """The check above is not vacuous: a string the trace lacks is reported."""
+    trace = traces_of("openai_legacy.jsonl")[0]
+    blob = _blob(trace)
+    assert _kept("ACME is at 41.25 USD.", blob, Redactor())
+    assert not _kept("a sentence no trace holds", blob, Redactor())
