@@ -234,3 +234,44 @@ def test_the_leaf_check_can_fail(tmp_path):
     blob = _blob(trace)
     assert _kept("ACME is at 41.25 USD.", blob, Redactor())
     assert not _kept("a sentence no trace holds", blob, Redactor())
+
+
+# ---------------------------------------------------------------- through export and build_dataset
+def test_tool_calls_survive_into_training_rows_export_and_eval_cases(tmp_path):
+    from test_data_stages import CONTRACTS, run_all
+
+    import jsonschema
+
+    from schemas.params import ExportParams
+
+    raw = tmp_path / "raw"
+    (raw / "traces").mkdir(parents=True)
+    for name in EXPECTED_FORMAT:
+        shutil.copy(FIXTURES / name, raw / "traces" / name)
+    # eval_share 0.5, seed 3: both sides (training examples, eval cases) get two of the four tool-call answers
+    out = run_all(raw, tmp_path / "work", TEST_KEY, ep=ExportParams(eval_share=0.5, seed=3))
+    assert out["redact"]["rejected"] == 0 and out["redact"]["traces"] == 13
+    assert out["redact"]["session_lines_merged"] == 15 + 11 + 6  # Claude Code (17 lines, 2 traces), Codex, Codex legacy
+    assert "empty_answer" not in out["manifest"]["filtered_by_reason"]
+    exp = tmp_path / "work" / "export"
+    te_schema = json.loads((CONTRACTS / "agentic-stack" / "training-example.schema.json").read_text())
+    ev_schema = json.loads((CONTRACTS / "agentic-stack" / "eval-case.schema.json").read_text())
+    examples = [json.loads(l) for l in open(exp / "training-examples.jsonl")]
+    cases = [json.loads(l) for l in open(exp / "eval-cases.jsonl")]
+    for ex in examples:
+        jsonschema.validate(ex, te_schema)
+    for c in cases:
+        jsonschema.validate(c, ev_schema)
+    call_outputs = [ex["output"] for ex in examples if ex["metadata"]["messages"][-1].get("tool_calls")]
+    call_cases = [c for c in cases if any(e.startswith("<tool_call>") for e in c["expected_behavior"])]
+    assert call_outputs and call_cases
+    assert all(o.startswith("<tool_call>\n{\"name\": ") for o in call_outputs)
+    assert all("Calls the approved tools, in order, with the approved arguments" in c["rubric"] for c in call_cases)
+    bd = tmp_path / "work" / "build_dataset"
+    rows = [json.loads(l) for f in ("train.jsonl", "val.jsonl", "eval.jsonl") for l in open(bd / f)]
+    finals = [r["messages"][-1] for r in rows if r["messages"][-1].get("tool_calls")]
+    names = {c["function"]["name"] for m in finals for c in m["tool_calls"]}
+    assert {"takeoff_drone", "file_expense", "convert_currency", "circle_area"} <= names
+    eval_rows = [json.loads(l) for l in open(bd / "eval.jsonl")]
+    call_rows = [r for r in eval_rows if r["messages"][-1].get("tool_calls")]
+    assert call_rows and all(any(e.startswith("<tool_call>") for e in r["expected_behavior"]) for r in call_rows)
