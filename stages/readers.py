@@ -720,6 +720,23 @@ def sniff_file(path: Any, max_lines: int = 50, max_bytes: int = 1 << 20) -> str:
     return sniff(recs)
 
 
+def describe_file(path: Any, max_lines: int = 50) -> str:
+    """What a file holds, for `make ingest` to say: a session format, or the format of its first record that
+    parses, or "unknown" when none of its first lines is a trace we can read."""
+    fmt = sniff_file(path, max_lines)
+    if fmt in SESSION_FORMATS:
+        return fmt
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh):
+            if n >= max_lines:
+                break
+            try:
+                return normalize(parse_line(raw.rstrip(b"\r\n").removeprefix(b"\xef\xbb\xbf")))["format"]
+            except ParseError:
+                continue
+    return "unknown"
+
+
 Parsed = tuple[int, "dict | ParseError"]
 
 

@@ -275,3 +275,28 @@ def test_tool_calls_survive_into_training_rows_export_and_eval_cases(tmp_path):
     eval_rows = [json.loads(l) for l in open(bd / "eval.jsonl")]
     call_rows = [r for r in eval_rows if r["messages"][-1].get("tool_calls")]
     assert call_rows and all(any(e.startswith("<tool_call>") for e in r["expected_behavior"]) for r in call_rows)
+
+
+# ---------------------------------------------------------------- make ingest on a Claude Code projects folder
+def test_ingest_a_claude_code_projects_folder_says_what_it_found(tmp_path, capsys):
+    from stages import ingest
+
+    projects = tmp_path / ".claude" / "projects"
+    proj = projects / "-home-dev-projects-invoice-app"
+    sub = proj / "5f0c8d2e-1b7a-4c3e-9a61-2f4b8e7d0c11" / "subagents"
+    sub.mkdir(parents=True)
+    lines = (FIXTURES / "claude_code_session.jsonl").read_text().splitlines(keepends=True)
+    (proj / "5f0c8d2e-1b7a-4c3e-9a61-2f4b8e7d0c11.jsonl").write_text("".join(lines[:15]))
+    (sub / "agent-a1b2c3.jsonl").write_text("".join(lines[15:]))
+    (projects.parent / "history.jsonl").write_text('{"display": "fix the test", "pastedContents": {}, "timestamp": 1}\n')
+    (proj / "sessions-index.json").write_text("{}")
+    raw = tmp_path / "raw"
+    ingest.main(["--src", str(projects.parent), "--kind", "traces", "--raw", str(raw)])
+    out = capsys.readouterr().out
+    assert out.count("(claude_code, from projects/-home-dev-projects-invoice-app/") == 2
+    assert "skipped history.jsonl (no line in its first 50 is a trace format we read)" in out
+    assert "ingest: 2 file(s) added (2 claude_code), 1 skipped" in out
+    m = redact.run(raw, tmp_path / "t.jsonl", tmp_path / "r.jsonl", RedactParams(workers=1), TEST_KEY)
+    assert m["traces"] == 2 and m["rejected"] == 0
+    workflows = sorted(orjson.loads(l)["workflow"] for l in open(tmp_path / "t.jsonl", "rb"))
+    assert workflows == ["claude_code", "claude_code_subagent"]
