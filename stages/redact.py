@@ -582,7 +582,8 @@ def main(argv: list[str] | None = None) -> None:
     with atomic_dir(args.out) as tmp:
         metrics = run(args.raw, tmp / "traces.jsonl", tmp / "rejects.jsonl", params, key)
     write_json(args.metrics, metrics)
-    print(f"redact: {metrics['records']} records -> {metrics['traces']} traces ({metrics['trainable']} trainable), "
+    merged = f" ({metrics['session_lines_merged']} of them session events)" if metrics["session_lines_merged"] else ""
+    print(f"redact: {metrics['records']} records{merged} -> {metrics['traces']} traces ({metrics['trainable']} trainable), "
           f"{metrics['rejected']} rejected, {metrics['redactions']} redactions in {metrics['traces_with_redactions']} traces")
 
 
