@@ -1,9 +1,15 @@
 """Parse every accepted raw trace shape into one canonical (not yet redacted) trace dict.
 
-Accepted as they are: agentic-stack approved runs; openclaw `messages`, `conversation` and
-`user`+`assistant` rows; ShareGPT `conversations` (from/value, function_call, observation);
-OpenAI fine-tuning rows with `tools` and assistant `tool_calls` (arguments as JSON strings,
-double-encoded ones included). Anything else raises ParseError with a reason the stage counts.
+Accepted as they are, a trace a line: agentic-stack approved runs; openclaw `messages`, `conversation` and
+`user`+`assistant` rows; ShareGPT `conversations` (from/value, function_call, observation) and LLaMA-Factory's
+typed parts ({"type", "value"}); OpenAI chat rows with `tools` and `tool_calls` (arguments as JSON strings,
+double-encoded ones included), legacy `functions`/`function_call`/role `function` and typed content parts;
+OpenAI Responses API requests (`input`/`output` items); Anthropic Messages transcripts (system blocks,
+tool_use/tool_result, thinking, images); Hermes `<tool_call>`/`<tool_response>` tags, parsed into real calls.
+A session a file: Claude Code session logs and Codex CLI rollouts (`sniff_file`, `session_traces`).
+
+Nothing is dropped silently: what is not a turn goes under `extra` and is counted under `omitted`; what can't be
+mapped raises ParseError with a reason (and the field) that the stage counts.
 """
 from __future__ import annotations
 
@@ -842,9 +848,10 @@ def _claude_trace(events: list[tuple[int, dict]]) -> dict:
                 messages.append(m)
         last_id = mid if role == "assistant" else None
         left = {k: v for k, v in e.items() if k not in _CC_MAPPED}
-        left["message"] = {k: v for k, v in msg.items() if k not in ("role", "content")}
+        rest_of_message = {k: v for k, v in msg.items() if k not in ("role", "content")}  # id, model, usage...
+        if rest_of_message:
+            left["message"] = rest_of_message
         ctx.keep("events", {"line": n, **left})
-    off = [(n, e) for n, e in rest if e.get("type") in ("user", "assistant")]
     for n, e in rest:
         ctx.keep("events", {"line": n, **e}, "off_thread_message" if e.get("type") in ("user", "assistant") else None)
     first = thread[0][1]
@@ -864,7 +871,6 @@ def _claude_trace(events: list[tuple[int, dict]]) -> dict:
         task_category="claude_code_subagent" if side else "claude_code")
     if len(models) == 1:
         fields["extra"]["model_used"] = models.pop()
-    del off
     return fields
 
 
