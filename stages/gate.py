@@ -207,7 +207,7 @@ def report(decision: GateDecision, res: EvalResults) -> str:
         lines.append(f"| {wf} | {c.n} | {_cell(c.baseline.exact_match)} | {_cell(c.finetuned.exact_match)} | "
                      f"{_fmt(c.delta.get('exact_match'))} | " + (f"{_fmt(ci.low)}..{_fmt(ci.high)}" if ci else "n/a")
                      + f" | {c.mcnemar_exact_match.p_value:.3g} |")
-    lines += _tool_call_table(res, conf)
+    lines += _tool_call_table(res, conf, decision.thresholds.get("min_workflow_examples"))
     lines.append("")
     return "\n".join(lines)
 
@@ -215,11 +215,14 @@ def report(decision: GateDecision, res: EvalResults) -> str:
 _TOOL_COLUMNS = ("tool_call_accuracy", "tool_name_accuracy", "tool_args_f1", "tool_call_parse_rate")
 
 
-def _tool_call_table(res: EvalResults, conf: str) -> list[str]:
+def _tool_call_table(res: EvalResults, conf: str, min_cases: Any) -> list[str]:
     """Per workflow, the tool-call metrics (adapter, and delta with its CI), over the cases that make calls."""
     if not res.counts.get("tool_call_accuracy"):
-        return ["", "### Tool calls", "", "No held-out case makes a tool call: tool-call metrics are not defined."]
+        return ["", "### Tool calls", "", "No held-out case makes a tool call: the tool-call metrics are not defined, and "
+                "`tool_call_accuracy_ok` passes without gating (there is nothing to regress on)."]
     lines = ["", f"### Tool calls per workflow (adapter, delta and {conf} CI; cases whose reference makes calls)", "",
+             f"Cases without a tool call are not counted; a workflow with fewer than {min_cases} tool-call cases is "
+             "shown but not gated.", "",
              "| workflow | n | " + " | ".join(_TOOL_COLUMNS) + " |", "|---|---|" + "---|" * len(_TOOL_COLUMNS)]
     groups = [("ALL", res.counts, res.finetuned, res.delta, res.ci)] + [
         (wf, c.counts, c.finetuned, c.delta, c.ci) for wf, c in sorted(res.per_workflow.items())]
