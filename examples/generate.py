@@ -1360,6 +1360,14 @@ def gen_claude_code(rng: random.Random, n: int, planted_log: list) -> dict[str, 
         add("user", {"content": [{"content": o, "is_error": False, "tool_use_id": i, "type": "tool_result"}
                                  for i, o in zip(ids, outs)], "role": "user"},
             toolUseResult={"numFiles": 1, "filenames": [path], "mode": "content"})
+        # then the team's triage script on the file it found: the answer restates what the script prints
+        tid = f"toolu_01{sha(rng, 22)}"
+        reply([{"id": tid, "input": {"command": f"python scripts/triage.py {path}", "description": "Run the triage script"},
+                "name": "Bash", "type": "tool_use"}], "tool_use")
+        labels = ex["labels"]
+        out = f"component: {labels['component']}\nseverity: {labels['severity']}\nowner: team-{labels['component']}"
+        add("user", {"content": [{"content": out, "is_error": False, "tool_use_id": tid, "type": "tool_result"}],
+                     "role": "user"}, toolUseResult={"interrupted": False, "stderr": "", "stdout": out})
         reply([{"text": ex["answer"], "type": "text"}], "end_turn")
         if rng.random() < 0.15:  # a subagent branch, written inline as older versions do
             parent = None
@@ -1477,7 +1485,7 @@ FILES = [
 ]
 SESSION_DIRS = ("traces/claude-code/", "traces/codex/")  # one file per session, named by its id
 COUNTS = {"approved_runs": 450, "messages": 100, "conversation": 70, "pairs": 70, "sharegpt": 80, "openai": 80,
-          "synthetic": 150, "adversarial": 80, "anthropic": 90, "claude_code": 36, "codex": 30}
+          "synthetic": 150, "adversarial": 80, "anthropic": 90, "claude_code": 60, "codex": 30}
 
 
 def build(seed: int = DEFAULT_SEED) -> dict[str, list[dict]]:

@@ -21,7 +21,8 @@ call must name the right function before its arguments count:
 - tool_name_accuracy: reference call names matched by predicted ones (multiset), over the larger of the two
   counts, so extra calls cost as missing ones do.
 - tool_args_f1: F1 over (function, argument, canonical value) triples: partial credit for partly right arguments.
-- tool_call_parse_rate: share of the prediction's <tool_call> blocks that parse; undefined when it wrote none.
+- tool_call_parse_rate: share of the prediction's <tool_call> blocks that parse; 0 when it wrote none (the calls
+  the reference makes did not come out as calls at all), so that it is defined, and paired, on every such case.
 
 Aggregates are means over the cases where a metric is defined; deltas are adapter - baseline on the same cases.
 """
@@ -220,7 +221,7 @@ def tool_call_scores(pred: str, ref: str) -> dict[str, float | None]:
         "tool_call_accuracy": float(Counter(map(_call_key, pred_calls)) == Counter(map(_call_key, ref_calls))),
         "tool_name_accuracy": sum((names_p & names_r).values()) / max(len(pred_calls), len(ref_calls)),
         "tool_args_f1": _f1(_arg_triples(pred_calls), _arg_triples(ref_calls)),
-        "tool_call_parse_rate": len(pred_calls) / blocks if blocks else None,
+        "tool_call_parse_rate": len(pred_calls) / blocks if blocks else 0.0,
     }
 
 

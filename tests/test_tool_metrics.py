@@ -26,7 +26,7 @@ TWO = W("convert", {"amount": 100, "to": "EUR"}) + "\n" + W("convert", {"amount"
     (W("get_time", {"city": "Lisbon", "unit": "c"}), REF, (0.0, 0.0, 0.0, 1.0)),  # wrong function: no argument credit
     (REF + W("get_time", {"tz": "WET"}), REF, (0.0, 0.5, 0.8, 1.0)),             # an extra call costs
     ("<tool_call>\n{not json}\n</tool_call>", REF, (0.0, 0.0, 0.0, 0.0)),      # a block that does not parse
-    ("It is sunny in Lisbon.", REF, (0.0, 0.0, 0.0, None)),                     # no call at all: parse rate undefined
+    ("It is sunny in Lisbon.", REF, (0.0, 0.0, 0.0, 0.0)),                      # no call at all where one was expected
 ])
 def test_tool_call_scores(pred, ref, want):
     s = M.tool_call_scores(pred, ref)
@@ -59,7 +59,7 @@ def test_per_workflow_tool_metrics_with_paired_bootstrap_cis():
     agent, chat = per_wf["agent"], per_wf["chat"]
     assert agent["baseline"]["tool_call_accuracy"] == 0.0 and agent["finetuned"]["tool_call_accuracy"] == 1.0
     assert agent["ci"]["tool_call_accuracy"] == {"low": 1.0, "high": 1.0}
-    assert agent["counts"]["tool_call_parse_rate"] == 0  # the baseline wrote no call: parse rate undefined there
+    assert agent["counts"]["tool_call_parse_rate"] == 6 and agent["delta"]["tool_call_parse_rate"] == 1.0
     assert chat["counts"]["tool_call_accuracy"] == 0 and chat["finetuned"]["tool_call_accuracy"] is None
     assert "tool_call_accuracy" not in chat["delta"]
 
