@@ -159,17 +159,19 @@ _TEXT_PARTS = frozenset(("text", "input_text", "output_text", "summary_text", "r
 _THINKING_PARTS = frozenset(("thinking", "redacted_thinking", "reasoning"))
 _IMAGE_PARTS = frozenset(("image", "image_url", "input_image"))
 _MESSAGE_KEYS = frozenset(("role", "from", "content", "value", "tool_calls", "tool_call_id", "name", "function_call"))
+_PLAIN_KEYS = frozenset(("role", "from", "content", "value", "tool_call_id", "name"))
 
 
 class _Ctx:
     """What one record puts aside while its messages are built: `extra` entries and `omitted` counts."""
 
-    __slots__ = ("extra", "omitted", "n_calls")
+    __slots__ = ("extra", "omitted", "n_calls", "anthropic")
 
     def __init__(self) -> None:
         self.extra: dict[str, list] = {}
         self.omitted: Counter = Counter()
         self.n_calls = 0
+        self.anthropic = False  # a block only Anthropic's API writes was seen (tool_use, tool_result, thinking)
 
     def keep(self, kind: str, item: Any, count: str | None = None) -> None:
         self.extra.setdefault(kind, []).append(item)
@@ -231,6 +233,8 @@ def _parts(val: list, where: str, ctx: _Ctx) -> tuple[str, list[dict], list[dict
             raise ParseError("wrong_type", f"{at}: a content part must be an object or a string")
         kind = part.get("type", "text" if "text" in part else None)
         body = part.get("text", part.get("value"))
+        if kind in _ANTHROPIC_BLOCKS:
+            ctx.anthropic = True
         if kind in _TEXT_PARTS and isinstance(body, str):
             texts.append(body)
             rest = {k: v for k, v in part.items() if k not in ("type", "text", "value")}
@@ -319,8 +323,20 @@ def _messages(val: Any, key: str, ctx: _Ctx) -> list[dict]:
         role = _ROLE_ALIASES.get(role.lower()) if isinstance(role, str) else None
         if role is None:
             role = _role(m.get("role", m.get("from")), where)
-        if isinstance(content, str) and m.get("tool_calls") is None and len(m) <= 2:
+        if isinstance(content, str) and len(m) <= 2:
             out.append({"role": role, "content": content})  # the common case, no bookkeeping
+            continue
+        if isinstance(content, str) and m.keys() <= _PLAIN_KEYS:  # a tool result, a named turn: little to do
+            msg = {"role": role, "content": content}
+            for k in ("tool_call_id", "name"):
+                if isinstance(m.get(k), str):
+                    msg[k] = m[k]
+            if role == "tool":
+                if "tool_call_id" in msg:
+                    _drop_pending(pending, msg["tool_call_id"])
+                else:
+                    _match_result(msg, pending, m.get("name"))
+            out.append(msg)
             continue
         text, calls, results = _content(content, where, ctx)
         if m.get("tool_calls") is not None:
@@ -334,11 +350,13 @@ def _messages(val: Any, key: str, ctx: _Ctx) -> list[dict]:
         for k in ("tool_call_id", "name"):
             if isinstance(m.get(k), str):
                 msg[k] = m[k]
-        if role == "tool" and "tool_call_id" not in msg:
-            _match_result(msg, pending, m.get("name"))
-        rest = {k: v for k, v in m.items() if k not in _MESSAGE_KEYS}
-        if rest:  # weight, refusal, reasoning_content, annotations...: kept, not lost
-            ctx.keep("message_fields", {"at": where, **rest})
+        if role == "tool":
+            if "tool_call_id" in msg:
+                _drop_pending(pending, msg["tool_call_id"])
+            else:
+                _match_result(msg, pending, m.get("name"))
+        if not m.keys() <= _MESSAGE_KEYS:  # weight, refusal, reasoning_content, annotations...: kept, not lost
+            ctx.keep("message_fields", {"at": where, **{k: v for k, v in m.items() if k not in _MESSAGE_KEYS}})
         if role == "user" and results and not text.strip() and not calls:
             pass  # a user turn that only carried tool results
         else:
@@ -369,6 +387,9 @@ def _drop_pending(pending: list[tuple[str, str]], cid: Any) -> None:
             return
 
 
+_TURN_KEYS = frozenset(("from", "role", "value", "content"))
+
+
 def _sharegpt(val: Any, ctx: _Ctx) -> list[dict]:
     if not isinstance(val, list):
         raise ParseError("wrong_type", "'conversations' must be a list")
@@ -379,9 +400,8 @@ def _sharegpt(val: Any, ctx: _Ctx) -> list[dict]:
         if not isinstance(turn, dict):
             raise ParseError("wrong_type", f"{where} must be an object")
         who = turn.get("from", turn.get("role"))
-        rest = {k: v for k, v in turn.items() if k not in ("from", "role", "value", "content")}
-        if rest:
-            ctx.keep("message_fields", {"at": where, **rest})
+        if not turn.keys() <= _TURN_KEYS:
+            ctx.keep("message_fields", {"at": where, **{k: v for k, v in turn.items() if k not in _TURN_KEYS}})
         if who == "function_call":
             call = _call_from_json(turn.get("value", turn.get("content")), where, ctx)
             call["id"] = f"call_{i + 1}"
@@ -421,6 +441,11 @@ def _loose_json(text: str) -> Any:
 def hermes(messages: list[dict], ctx: _Ctx) -> bool:
     """`<tool_call>{json}</tool_call>` in assistant text -> real calls with ids; `<tool_response>` turns -> tool
     messages answering them in order. A block that does not parse stays text. True when anything changed."""
+    for m in messages:  # most traces have no tag at all: one scan for it before any bookkeeping
+        if "<tool_" in (m.get("content") or ""):
+            break
+    else:
+        return False
     changed = False
     out: list[dict] = []
     pending: list[tuple[str, str]] = []
@@ -536,40 +561,40 @@ _COMMON = frozenset(("id", "created_at", "project", "domain", "workflow", "task_
 _ANTHROPIC_BLOCKS = frozenset(("tool_use", "tool_result", "thinking", "redacted_thinking"))
 
 
-def _anthropic_like(rec: dict, messages: Any) -> bool:
-    if isinstance(rec.get("system"), list):
+def _anthropic_like(rec: dict, ctx: _Ctx) -> bool:
+    if ctx.anthropic or isinstance(rec.get("system"), list):
         return True
-    if isinstance(rec.get("tools"), list) and any(isinstance(t, dict) and "input_schema" in t for t in rec["tools"]):
-        return True
-    for m in messages if isinstance(messages, list) else ():
-        content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in _ANTHROPIC_BLOCKS
-                                             for p in content):
-            return True
-    return False
+    tools = rec.get("tools")
+    return isinstance(tools, list) and any(isinstance(t, dict) and "input_schema" in t for t in tools)
+
+
+_USED_SHAREGPT = _COMMON | {"conversations", "system"}
+_USED_MESSAGES = _COMMON | {"messages", "system"}
+_USED_CONVERSATION = _COMMON | {"conversation"}
+_USED_RESPONSES = _COMMON | {"input", "output", "instructions"}
+_USED_PAIR = _COMMON | {"user", "assistant", "system"}
 
 
 def _shape(rec: dict, ctx: _Ctx) -> tuple[str, list[dict], frozenset]:
-    """(format, messages, the record keys they consumed)."""
+    """(format, messages, the record keys they consumed, the common metadata keys included)."""
     if "conversations" in rec:
         messages = _sharegpt(rec["conversations"], ctx)
-        return "sharegpt", _with_system(messages, _system(rec.get("system"), ctx)), frozenset(("conversations", "system"))
+        return "sharegpt", _with_system(messages, _system(rec.get("system"), ctx)), _USED_SHAREGPT
     if "messages" in rec:
         messages = _messages(rec["messages"], "messages", ctx)
-        if _anthropic_like(rec, rec["messages"]):
+        if _anthropic_like(rec, ctx):
             fmt = "anthropic"
         elif "tools" in rec or "functions" in rec or any("tool_calls" in m or m["role"] == "tool" for m in messages):
             fmt = "openai"
         else:
             fmt = "openclaw_messages"
-        return fmt, _with_system(messages, _system(rec.get("system"), ctx)), frozenset(("messages", "system"))
+        return fmt, _with_system(messages, _system(rec.get("system"), ctx)), _USED_MESSAGES
     if "conversation" in rec:
-        return "openclaw_conversation", _messages(rec["conversation"], "conversation", ctx), frozenset(("conversation",))
+        return "openclaw_conversation", _messages(rec["conversation"], "conversation", ctx), _USED_CONVERSATION
     if isinstance(rec.get("input"), list) or (isinstance(rec.get("input"), str) and isinstance(rec.get("output"), list)):
         items = ([rec["input"]] if isinstance(rec["input"], str) else rec["input"]) + list(rec.get("output") or [])
         messages = responses_items(items, "input", ctx)
-        return "responses", _with_system(messages, _system(rec.get("instructions"), ctx)), \
-            frozenset(("input", "output", "instructions"))
+        return "responses", _with_system(messages, _system(rec.get("instructions"), ctx)), _USED_RESPONSES
     if "user" in rec and "assistant" in rec:
         messages = []
         for role in ("user", "assistant"):
@@ -577,8 +602,7 @@ def _shape(rec: dict, ctx: _Ctx) -> tuple[str, list[dict], frozenset]:
             if calls or results:
                 raise ParseError("wrong_type", f"{role}: tool blocks in a user/assistant pair")
             messages.append({"role": role, "content": text})
-        return "openclaw_pair", _with_system(messages, _system(rec.get("system"), ctx)), \
-            frozenset(("user", "assistant", "system"))
+        return "openclaw_pair", _with_system(messages, _system(rec.get("system"), ctx)), _USED_PAIR
     raise ParseError("unknown_shape", "keys: " + ",".join(sorted(map(str, rec))[:12]))
 
 
@@ -597,7 +621,7 @@ def normalize(rec: dict[str, Any]) -> dict[str, Any]:
     if hermes(messages, ctx) and fmt in ("sharegpt", "openai", "openclaw_messages", "openclaw_conversation"):
         fmt = "hermes"
     tools = rec.get("tools") if rec.get("tools") not in (None, "", []) else rec.get("functions")
-    return _fields(rec, fmt, messages, _tools(_responses_tools(tools)), used | _COMMON, ctx)
+    return _fields(rec, fmt, messages, _tools(_responses_tools(tools)), used, ctx)
 
 
 def _fields(rec: dict, fmt: str, messages: list[dict], tools: list | None, used: frozenset, ctx: _Ctx) -> dict:
