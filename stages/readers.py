@@ -845,6 +845,24 @@ def _thread(events: list[tuple[int, dict]]) -> tuple[list[tuple[int, dict]], lis
 _CC_MAPPED = ("type", "message", "sessionId")
 
 
+def _no_inline_bytes(obj: Any, ctx: _Ctx) -> Any:
+    """An event kept under extra, without inline file bytes (an image Read's `toolUseResult.file.base64`, an image
+    block's `source.data` off the thread): their size is kept and counted, as for images in the messages."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if k in ("base64", "data") and isinstance(v, str) and len(v) > 256 and \
+                    (k == "base64" or obj.get("type") == "base64"):
+                out[k] = f"[{len(v)} bytes of base64 omitted]"
+                ctx.omitted["inline_bytes"] += 1
+            else:
+                out[k] = _no_inline_bytes(v, ctx)
+        return out
+    if isinstance(obj, list):
+        return [_no_inline_bytes(v, ctx) for v in obj]
+    return obj
+
+
 def _claude_trace(events: list[tuple[int, dict]]) -> dict:
     ctx = _Ctx()
     thread, rest = _thread(events)
@@ -875,9 +893,10 @@ def _claude_trace(events: list[tuple[int, dict]]) -> dict:
         rest_of_message = {k: v for k, v in msg.items() if k not in ("role", "content")}  # id, model, usage...
         if rest_of_message:
             left["message"] = rest_of_message
-        ctx.keep("events", {"line": n, **left})
+        ctx.keep("events", _no_inline_bytes({"line": n, **left}, ctx))
     for n, e in rest:
-        ctx.keep("events", {"line": n, **e}, "off_thread_message" if e.get("type") in ("user", "assistant") else None)
+        ctx.keep("events", _no_inline_bytes({"line": n, **e}, ctx),
+                 "off_thread_message" if e.get("type") in ("user", "assistant") else None)
     first = thread[0][1]
     sid = first.get("sessionId")
     side = first.get("isSidechain") is True

@@ -461,10 +461,11 @@ def _session_lines(fmt: str, lines: list[tuple[int, bytes]], max_line_bytes: int
 
 
 def _work(block: tuple[str, str, str, int, int, int, str | None]) -> tuple[str, str, int, int, list[tuple], int]:
-    """One block -> (rel, bucket, lines, blank lines, results in line order).
+    """One block -> (rel, bucket, lines, blank lines, results in line order, lines merged into sessions).
 
-    A result is ("reject", payload, reason) or ("trace", payload, id, line, counts, ineligible); the
-    parent keeps the first trace of each id, so the per-trace figures travel with it.
+    A result is ("reject", payload, reason) or ("trace", payload, id, line, counts, ineligible, omitted); the
+    parent keeps the first trace of each id, so the per-trace figures travel with it. A session file's block
+    (fmt set) is grouped into its traces first.
     """
     assert _WORKER is not None
     rel, bucket, path, offset, length, first, fmt = block

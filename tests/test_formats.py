@@ -300,3 +300,21 @@ def test_ingest_a_claude_code_projects_folder_says_what_it_found(tmp_path, capsy
     assert m["traces"] == 2 and m["rejected"] == 0
     workflows = sorted(orjson.loads(l)["workflow"] for l in open(tmp_path / "t.jsonl", "rb"))
     assert workflows == ["claude_code", "claude_code_subagent"]
+
+
+def test_claude_code_inline_file_bytes_are_not_kept_but_counted():
+    """An image Read: Claude Code keeps the file's base64 in `toolUseResult` too; the trace keeps its size only."""
+    blob = "iVBORw0KGgo" + "A" * 600
+    ev = [{"type": "user", "sessionId": "s1", "uuid": "u1", "parentUuid": None, "message": {"role": "user", "content": "look at logo.png"}},
+          {"type": "assistant", "sessionId": "s1", "uuid": "a1", "parentUuid": "u1", "message": {
+              "role": "assistant", "id": "m1", "content": [{"type": "tool_use", "id": "t1", "name": "Read", "input": {"file_path": "logo.png"}}]}},
+          {"type": "user", "sessionId": "s1", "uuid": "u2", "parentUuid": "a1",
+           "message": {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [
+               {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": blob}}]}]},
+           "toolUseResult": {"type": "image", "file": {"base64": blob, "type": "image/png", "originalSize": 450}}},
+          {"type": "assistant", "sessionId": "s1", "uuid": "a2", "parentUuid": "u2", "message": {
+              "role": "assistant", "id": "m2", "content": [{"type": "text", "text": "A blue logo."}]}}]
+    ((_, r, took),) = session_traces("claude_code", list(enumerate(ev, 1)))
+    assert took == 4 and blob not in json.dumps(r)
+    assert r["omitted"] == {"image": 1, "inline_bytes": 1}
+    assert r["messages"][2] == {"role": "tool", "content": "[image]", "tool_call_id": "t1"}
