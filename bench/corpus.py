@@ -303,17 +303,7 @@ class Corpus:
                 {"role": "assistant", "content": answer}],
                 "tools": [{"type": "function", "function": TOOLS[t]} for t in tools], **base}
         elif shape == "anthropic":
-            tid = f"toolu_{rng.randrange(10**12):012d}"
-            rec = {"id": f"ant_{i:09d}", "model": "claude-sonnet-4-5", "max_tokens": 1024,
-                   "system": [{"type": "text", "text": system}],
-                   "tools": [{"name": t, "description": TOOLS[t]["description"], "input_schema": TOOLS[t]["parameters"]}
-                             for t in tools],
-                   "messages": [
-                       {"role": "user", "content": user},
-                       {"role": "assistant", "content": [{"type": "text", "text": "Checking."},
-                                                         {"type": "tool_use", "id": tid, "name": tool, "input": args}]},
-                       {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tid, "content": obs}]},
-                       {"role": "assistant", "content": [{"type": "text", "text": answer}]}], **base}
+            rec = {"id": f"ant_{i:09d}", **self.anthropic(system, tools, user, obs, answer, tool, args), **base}
         elif shape in SESSION_SHAPES:
             return shape, self.session(shape, i, base, system, user, obs, answer, tool, args)
         else:  # sharegpt
@@ -326,6 +316,20 @@ class Corpus:
                 rec["id"] = f"sg_{i:09d}"
         return shape, orjson.dumps(rec)
 
+
+    def anthropic(self, system: str, tools: list[str], user: str, obs: str, answer: str, tool: str,
+                  args: dict) -> dict:
+        """An Anthropic Messages transcript: system blocks, tools with input_schema, tool_use / tool_result."""
+        tid = f"toolu_{self.rng.randrange(10**12):012d}"
+        return {"model": "claude-sonnet-4-5", "max_tokens": 1024, "system": [{"type": "text", "text": system}],
+                "tools": [{"name": t, "description": TOOLS[t]["description"], "input_schema": TOOLS[t]["parameters"]}
+                          for t in tools],
+                "messages": [
+                    {"role": "user", "content": user},
+                    {"role": "assistant", "content": [{"type": "text", "text": "Checking."},
+                                                      {"type": "tool_use", "id": tid, "name": tool, "input": args}]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tid, "content": obs}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}
 
     def session(self, shape: str, i: int, base: dict, system: str, user: str, obs: str, answer: str, tool: str,
                 args: dict) -> bytes:

@@ -539,8 +539,7 @@ def run(raw_root: Path, out_traces: Path, out_rejects: Path, params: RedactParam
                     if counts:
                         detectors.update(counts)
                         traces_with_redactions += 1
-                    if omitted:
-                        omitted_kinds.update(omitted)
+                    omitted_kinds.update(omitted or {})
                     if inel:
                         ineligible.update(inel)
                     else:
@@ -558,8 +557,8 @@ def run(raw_root: Path, out_traces: Path, out_rejects: Path, params: RedactParam
     file_level = len(file_rejects)
     # every line ends in exactly one place: a trace of its own, a session's trace (merged), or a reject
     if stats["traces"] + stats["merged_lines"] + rejected - file_level != records:
-        raise RuntimeError(f"accounting broken: {records} lines != {stats['traces']} traces + "
-                           f"{stats['merged_lines']} merged + {rejected - file_level} rejects")
+        raise RuntimeError(f"accounting broken: {records} lines != {stats['traces']} traces + {stats['merged_lines']} "
+                           f"merged + {rejected - file_level} rejects")
     return {
         "files": stats["files"], "lines": stats["lines"], "blank_lines": stats["blank_lines"], "records": records,
         "traces": stats["traces"], "trainable": stats["trainable"], "rejected": rejected,
