@@ -719,7 +719,8 @@ _CODEX_TYPES = frozenset(("session_meta", "response_item", "turn_context", "even
 _ITEM_TYPES = frozenset(("message", "function_call", "function_call_output", "reasoning", "custom_tool_call",
                          "custom_tool_call_output", "local_shell_call", "web_search_call"))
 _CC_TYPES = frozenset(("user", "assistant", "system", "summary", "file-history-snapshot", "queue-operation",
-                       "progress", "attachment"))
+                       "progress", "attachment", "result"))
+_CC_KEYS = ("sessionId", "session_id", "leafUuid", "uuid")  # session logs; `session_id`: headless stream-json
 
 
 def sniff(records: Iterable[dict]) -> str:
@@ -728,7 +729,7 @@ def sniff(records: Iterable[dict]) -> str:
         t = rec.get("type")
         if t in _CODEX_TYPES and "payload" in rec or rec.get("record_type") == "state":
             return "codex"
-        if t in _CC_TYPES and ("sessionId" in rec or "leafUuid" in rec or "uuid" in rec) and "messages" not in rec:
+        if t in _CC_TYPES and any(k in rec for k in _CC_KEYS) and "messages" not in rec:
             return "claude_code"
         if t in _ITEM_TYPES and "messages" not in rec and "conversations" not in rec:
             return "codex"  # bare Responses items, one a line (Codex's first rollout format)
@@ -796,13 +797,13 @@ def _claude_groups(events: list[tuple[int, dict]]) -> list[list[tuple[int, dict]
     groups: dict[tuple, list[tuple[int, dict]]] = {}
     loose: list[tuple[int, dict]] = []
     for n, e in events:
-        sid = e.get("sessionId")
+        sid = e.get("sessionId", e.get("session_id"))
         if not isinstance(sid, str):
             loose.append((n, e))
             continue
         key: tuple = (sid,)
-        if e.get("isSidechain") is True:
-            key = (sid, e["agentId"] if isinstance(e.get("agentId"), str) else _root(e, by_uuid))
+        if _sidechain(e):
+            key = (sid, _branch(e, by_uuid))
         groups.setdefault(key, []).append((n, e))
     out = list(groups.values())
     if loose:
@@ -811,6 +812,18 @@ def _claude_groups(events: list[tuple[int, dict]]) -> list[list[tuple[int, dict]
         else:
             out = [loose]
     return out
+
+
+def _sidechain(e: dict) -> bool:
+    """A subagent's event: `isSidechain` in session logs, `parent_tool_use_id` in headless stream-json."""
+    return e.get("isSidechain") is True or isinstance(e.get("parent_tool_use_id"), str)
+
+
+def _branch(e: dict, by_uuid: dict) -> str:
+    for k in ("agentId", "parent_tool_use_id"):
+        if isinstance(e.get(k), str):
+            return e[k]
+    return _root(e, by_uuid)
 
 
 def _root(e: dict, by_uuid: dict) -> str:
@@ -828,6 +841,9 @@ def _thread(events: list[tuple[int, dict]]) -> tuple[list[tuple[int, dict]], lis
     msgs = [(n, e) for n, e in events if e.get("type") in ("user", "assistant") and isinstance(e.get("message"), dict)]
     if not msgs:
         return [], events
+    if not any("parentUuid" in e for _, e in msgs):  # headless stream-json: no tree, the file's order is the thread
+        return msgs, [(n, e) for n, e in events if not (e.get("type") in ("user", "assistant")
+                                                         and isinstance(e.get("message"), dict))]
     path, seen = [], set()
     cur: tuple[int, dict] | None = msgs[-1]
     while cur is not None and id(cur[1]) not in seen:
@@ -842,7 +858,7 @@ def _thread(events: list[tuple[int, dict]]) -> tuple[list[tuple[int, dict]], lis
                                                                   and isinstance(e.get("message"), dict))]
 
 
-_CC_MAPPED = ("type", "message", "sessionId")
+_CC_MAPPED = ("type", "message", "sessionId", "session_id")
 
 
 def _no_inline_bytes(obj: Any, ctx: _Ctx) -> Any:
@@ -898,16 +914,16 @@ def _claude_trace(events: list[tuple[int, dict]]) -> dict:
         ctx.keep("events", _no_inline_bytes({"line": n, **e}, ctx),
                  "off_thread_message" if e.get("type") in ("user", "assistant") else None)
     first = thread[0][1]
-    sid = first.get("sessionId")
-    side = first.get("isSidechain") is True
+    sid = first.get("sessionId", first.get("session_id"))
+    side = _sidechain(first)
     if side:
         ctx.omitted["sidechain_events"] += len(events)
-    cwd = first.get("cwd")
+    cwd = next((e["cwd"] for _, e in events if isinstance(e.get("cwd"), str)), None)
     fields = _fields({}, "claude_code", messages, None, frozenset(), ctx)
     models = {e["message"].get("model") for _, e in thread if e["type"] == "assistant"} - {None}
     stamp = first.get("timestamp")
     fields.update(
-        source_id=(f"{sid}/{first.get('agentId') or _root(first, {})}" if side else sid) if isinstance(sid, str) else None,
+        source_id=(f"{sid}/{_branch(first, {})}" if side else sid) if isinstance(sid, str) else None,
         source="claude_code", created_at=stamp if isinstance(stamp, str) else None,
         project=cwd.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] or "unknown" if isinstance(cwd, str) else "unknown",
         domain="software", workflow="claude_code_subagent" if side else "claude_code",

@@ -21,6 +21,7 @@ from stages.readers import ParseError, normalize, parse_line, session_traces, sn
 FIXTURES = ROOT / "tests" / "fixtures" / "formats"
 EXPECTED_FORMAT = {
     "anthropic_messages.jsonl": "anthropic", "claude_code_session.jsonl": "claude_code",
+    "claude_code_stream_json.jsonl": "claude_code",
     "codex_rollout.jsonl": "codex", "codex_rollout_legacy.jsonl": "codex", "hermes_function_calling.jsonl": "hermes",
     "llamafactory_typed_parts.jsonl": "openai", "openai_legacy.jsonl": "openai", "openai_responses.jsonl": "responses",
 }
@@ -67,6 +68,14 @@ def test_claude_code_session_one_trace_per_thread():
     assert main["project"] == "invoice-app" and main["workflow"] == "claude_code" and main["source"] == "claude_code"
     assert side["workflow"] == "claude_code_subagent" and side["omitted"] == {"sidechain_events": 2}
     assert side["source_id"] != main["source_id"]
+
+
+def test_claude_code_headless_stream_json():
+    """`claude -p --output-format stream-json`: no parentUuid tree, `session_id`; the file's order is the thread."""
+    (r,) = traces_of("claude_code_stream_json.jsonl")
+    assert [m["role"] for m in r["messages"]] == ["assistant", "tool", "assistant"]  # the prompt is not in the stream
+    assert r["source_id"] == "9b2c4f1e-7d3a-4e8b-a1c5-0f6e2d9b8a77" and r["project"] == "payments"
+    assert [e["type"] for e in r["extra"]["events"] if "subtype" in e] == ["system", "result"]
 
 
 def test_codex_rollouts_both_generations():
@@ -250,8 +259,9 @@ def test_tool_calls_survive_into_training_rows_export_and_eval_cases(tmp_path):
         shutil.copy(FIXTURES / name, raw / "traces" / name)
     # eval_share 0.5, seed 3: both sides (training examples, eval cases) get two of the four tool-call answers
     out = run_all(raw, tmp_path / "work", TEST_KEY, ep=ExportParams(eval_share=0.5, seed=3))
-    assert out["redact"]["rejected"] == 0 and out["redact"]["traces"] == 13
-    assert out["redact"]["session_lines_merged"] == 15 + 11 + 6  # Claude Code (17 lines, 2 traces), Codex, Codex legacy
+    assert out["redact"]["rejected"] == 0 and out["redact"]["traces"] == 14
+    # Claude Code (17 lines, 2 traces), Claude Code stream-json (5 lines), Codex, Codex legacy
+    assert out["redact"]["session_lines_merged"] == 15 + 4 + 11 + 6
     assert "empty_answer" not in out["manifest"]["filtered_by_reason"]
     exp = tmp_path / "work" / "export"
     te_schema = json.loads((CONTRACTS / "agentic-stack" / "training-example.schema.json").read_text())
