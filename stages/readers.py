@@ -155,6 +155,9 @@ def _outcome(val: Any) -> str:
 # often signed or encrypted), images (a placeholder in the text; the bytes of an inline image are not kept,
 # only their type and size), tool errors, fields we don't map. Nothing is dropped without a count.
 IMAGE_PLACEHOLDER = "[image]"
+AUDIO_PLACEHOLDER = "[audio]"
+_USE_PARTS = frozenset(("tool_use", "server_tool_use", "mcp_tool_use"))
+_AUDIO_PARTS = frozenset(("input_audio", "audio"))
 _TEXT_PARTS = frozenset(("text", "input_text", "output_text", "summary_text", "reasoning_text"))
 _THINKING_PARTS = frozenset(("thinking", "redacted_thinking", "reasoning"))
 _IMAGE_PARTS = frozenset(("image", "image_url", "input_image"))
@@ -244,30 +247,53 @@ def _parts(val: list, where: str, ctx: _Ctx) -> tuple[str, list[dict], list[dict
             ctx.keep("thinking", {"at": at, **{k: v for k, v in part.items() if k != "type"}}, "thinking")
         elif kind in _IMAGE_PARTS:
             texts.append(_image(part, at, ctx))
-        elif kind == "tool_use":
-            if not isinstance(part.get("name"), str):
-                raise ParseError("invalid_tool_call", f"{at}: tool_use has no name")
-            cid = part.get("id") if isinstance(part.get("id"), str) and part["id"] else ctx.call_id()
-            calls.append({"id": cid, "type": "function",
-                          "function": {"name": part["name"], "arguments": normalize_arguments(part.get("input", {}))}})
-            rest = {k: v for k, v in part.items() if k not in ("type", "id", "name", "input")}
-            if rest:
-                ctx.keep("part_fields", {"at": at, **rest})
+        elif kind in _USE_PARTS:
+            calls.append(_use_part(part, at, ctx))
         elif kind == "tool_call":  # LLaMA-Factory: {"type": "tool_call", "value": "{\"name\": ..., \"arguments\": ...}"}
             calls.append(_call_from_json(body, at, ctx))
-        elif kind == "tool_result":
-            res = {"role": "tool", "content": _tool_result_text(part.get("content"), at, ctx)}
-            if isinstance(part.get("tool_use_id"), str):
-                res["tool_call_id"] = part["tool_use_id"]
-            if part.get("is_error") is True:
-                ctx.keep("tool_errors", part.get("tool_use_id"), "tool_error")
-            rest = {k: v for k, v in part.items() if k not in ("type", "tool_use_id", "content", "is_error")}
-            if rest:
-                ctx.keep("part_fields", {"at": at, **rest})
-            results.append(res)
+        elif isinstance(kind, str) and kind.endswith("tool_result"):  # tool_, web_search_tool_, mcp_tool_result...
+            results.append(_result_part(part, at, ctx))
+        elif kind == "refusal" and isinstance(part.get("refusal"), str):  # OpenAI: the assistant's refusal is its text
+            texts.append(part["refusal"])
+        elif kind in _AUDIO_PARTS:  # like an image: a placeholder, the format and size kept, not the bytes
+            inner = part.get(kind) if isinstance(part.get(kind), dict) else {}
+            meta = {"at": at, **{k: v for k, v in inner.items() if k != "data"},
+                    **{k: v for k, v in part.items() if k not in ("type", kind)}}
+            if isinstance(inner.get("data"), str):
+                meta["inline_bytes"] = len(inner["data"])
+            ctx.keep("audio", meta, "audio")
+            texts.append(AUDIO_PLACEHOLDER)
         else:
             raise ParseError("unsupported_part", f"{at}: type {str(kind)[:40]!r}")
     return "\n".join(texts), calls, results
+
+
+def _use_part(part: dict, at: str, ctx: _Ctx) -> dict:
+    """Anthropic's tool_use (server_tool_use, mcp_tool_use: the same shape, run elsewhere) -> a call."""
+    if not isinstance(part.get("name"), str):
+        raise ParseError("invalid_tool_call", f"{at}: {part.get('type')} has no name")
+    cid = part.get("id") if isinstance(part.get("id"), str) and part["id"] else ctx.call_id()
+    rest = {k: v for k, v in part.items() if k not in ("type", "id", "name", "input")}
+    if rest or part.get("type") != "tool_use":
+        ctx.keep("part_fields", {"at": at, "type": part.get("type"), **rest})
+    return {"id": cid, "type": "function",
+            "function": {"name": part["name"], "arguments": normalize_arguments(part.get("input", {}))}}
+
+
+def _result_part(part: dict, at: str, ctx: _Ctx) -> dict:
+    """A tool_result block (or a server tool's `*_tool_result`) -> a tool turn; `is_error` kept and counted."""
+    content = part.get("content")
+    if part.get("type") != "tool_result" and not isinstance(content, (str, type(None))):
+        content = orjson.dumps(content, option=orjson.OPT_SORT_KEYS).decode()  # a server tool's own result shape
+    res = {"role": "tool", "content": _tool_result_text(content, at, ctx)}
+    if isinstance(part.get("tool_use_id"), str):
+        res["tool_call_id"] = part["tool_use_id"]
+    if part.get("is_error") is True:
+        ctx.keep("tool_errors", part.get("tool_use_id"), "tool_error")
+    rest = {k: v for k, v in part.items() if k not in ("type", "tool_use_id", "content", "is_error")}
+    if rest or part.get("type") != "tool_result":
+        ctx.keep("part_fields", {"at": at, "type": part.get("type"), **rest})
+    return res
 
 
 def _call_from_json(body: Any, where: str, ctx: _Ctx) -> dict:
@@ -558,7 +584,8 @@ def _responses_tools(val: Any) -> Any:
 # ---------------------------------------------------------------- one record -> canonical fields
 _COMMON = frozenset(("id", "created_at", "project", "domain", "workflow", "task_category", "outcome", "source",
                      "harness", "human_review", "review", "tools", "functions"))
-_ANTHROPIC_BLOCKS = frozenset(("tool_use", "tool_result", "thinking", "redacted_thinking"))
+_ANTHROPIC_BLOCKS = frozenset(("tool_use", "tool_result", "thinking", "redacted_thinking", "server_tool_use",
+                               "web_search_tool_result", "mcp_tool_use", "mcp_tool_result"))
 
 
 def _anthropic_like(rec: dict, ctx: _Ctx) -> bool:
@@ -951,6 +978,15 @@ def _is_meta(e: dict) -> bool:
                                                and "record_type" not in e)
 
 
+def _lead_system(messages: list[dict]) -> list[dict]:
+    """Developer/system items before the model's first turn (Codex writes its permission and sandbox notes after
+    the environment context) move to the front, in order: chat templates take a system prompt only there. Later
+    ones stay where they are (build_dataset counts such a trace as `role_order`)."""
+    first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
+    head = messages[:first]
+    return [m for m in head if m["role"] == "system"] + [m for m in head if m["role"] != "system"] + messages[first:]
+
+
 def _codex_trace(events: list[tuple[int, dict]]) -> dict:
     ctx = _Ctx()
     items: list[tuple[int, dict]] = []
@@ -969,7 +1005,7 @@ def _codex_trace(events: list[tuple[int, dict]]) -> dict:
             ctx.keep("events", {"line": n, **e})
         else:  # turn_context, event_msg (the UI's copy of the items), compacted, record_type: state
             ctx.keep("events", {"line": n, **e})
-    messages = responses_items([p for _, p in items], "items", ctx)
+    messages = _lead_system(responses_items([p for _, p in items], "items", ctx))
     if not messages:
         raise ParseError("no_messages", "a Codex session with no message item")
     instructions = meta.get("instructions")

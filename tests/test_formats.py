@@ -328,3 +328,27 @@ def test_claude_code_inline_file_bytes_are_not_kept_but_counted():
     assert took == 4 and blob not in json.dumps(r)
     assert r["omitted"] == {"image": 1, "inline_bytes": 1}
     assert r["messages"][2] == {"role": "tool", "content": "[image]", "tool_call_id": "t1"}
+
+
+def test_server_tools_refusals_audio_and_codex_developer_notes():
+    r = normalize({"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "news on ACME?"},
+                                     {"type": "input_audio", "input_audio": {"data": "UklGRiQAAABXQVZF", "format": "wav"}}]},
+        {"role": "assistant", "content": [{"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search",
+                                           "input": {"query": "ACME news"}}]},
+        {"role": "user", "content": [{"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1",
+                                      "content": [{"type": "web_search_result", "title": "ACME up", "url": "https://example.com/a"}]}]},
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't give investment advice."}]}]})
+    assert r["format"] == "anthropic" and [m["role"] for m in r["messages"]] == ["user", "assistant", "tool", "assistant"]
+    assert r["messages"][0]["content"] == "news on ACME?\n[audio]" and r["omitted"] == {"audio": 1}
+    assert r["extra"]["audio"] == [{"at": "messages[0].content[1]", "format": "wav", "inline_bytes": 16}]
+    assert calls(r["messages"][1]) == [("srvtoolu_1", "web_search", {"query": "ACME news"})]
+    assert r["messages"][2]["tool_call_id"] == "srvtoolu_1" and "ACME up" in r["messages"][2]["content"]
+    assert r["messages"][3]["content"] == "I can't give investment advice."
+    lines = [(1, {"type": "session_meta", "payload": {"id": "c1", "timestamp": "t"}}),
+             (2, {"type": "response_item", "payload": {"type": "message", "role": "user", "content": "ctx"}}),
+             (3, {"type": "response_item", "payload": {"type": "message", "role": "developer", "content": "sandbox: on"}}),
+             (4, {"type": "response_item", "payload": {"type": "message", "role": "user", "content": "hi"}}),
+             (5, {"type": "response_item", "payload": {"type": "message", "role": "assistant", "content": "hello"}})]
+    ((_, c, _),) = session_traces("codex", lines)
+    assert [m["role"] for m in c["messages"]] == ["system", "user", "user", "assistant"]
