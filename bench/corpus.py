@@ -2,11 +2,12 @@
 
     python -m bench.corpus --n 100000 --out bench/work/raw [--seed 0]
 
-Writes N JSONL lines under OUT/{approved-runs,traces,synthetic,adversarial}/ in every raw shape the
+Writes N traces under OUT/{approved-runs,traces,synthetic,adversarial}/ in every raw shape the
 `redact` stage accepts (stages/readers.py): agentic-stack approved runs, openclaw `messages`,
 `conversation` and `user`+`assistant` rows, OpenAI rows with `tools` and assistant `tool_calls`
-(some arguments double-encoded), ShareGPT `function_call`/`observation` turns, synthetic and
-adversarial rows. Sizes: ~1.2 KB a line on average with a long tail up to ~50 KB (big tool outputs).
+(some arguments double-encoded), ShareGPT `function_call`/`observation` turns, Anthropic Messages
+transcripts (system blocks, tool_use/tool_result), synthetic and adversarial rows: one line each; and
+Claude Code sessions and Codex CLI rollouts: several event lines each, one file per session. Sizes: ~1.2 KB a line on average with a long tail up to ~50 KB (big tool outputs).
 About 5% of lines carry a planted secret or piece of PII (email, phone, AWS key id, ghp_ token,
 password=..., card number, public IP, JWT), ~2% are exact and ~1.5% near duplicates of a recent
 line under a new id, and ~0.3% are malformed (bad JSON, unknown shape) so the reject path runs too.
@@ -37,7 +38,13 @@ SHAPES: dict[str, tuple[str, str, float]] = {
     "sharegpt": ("traces", "sharegpt-toolcalls", 0.16),
     "synthetic": ("synthetic", "synthetic", 0.10),
     "adversarial": ("adversarial", "adversarial", 0.05),
+    "anthropic": ("traces", "anthropic-messages", 0.06),
+    "claude_code": ("traces", "claude-code", 0.05),
+    "codex": ("traces", "codex", 0.04),
 }
+# A session (Claude Code, Codex CLI) is one trace written as several event lines, in a file of its own as those
+# tools write them: these shapes go to OUT/traces/<stem>/<shard>/<stem>-<i>.jsonl, one file a trace.
+SESSION_SHAPES = frozenset(("claude_code", "codex"))
 LINES_PER_FILE = 250_000  # each shape is sharded into files of at most about this many lines
 
 SECRET_SHARE = 0.05
@@ -295,6 +302,10 @@ class Corpus:
                 {"role": "tool", "tool_call_id": cid, "content": obs},
                 {"role": "assistant", "content": answer}],
                 "tools": [{"type": "function", "function": TOOLS[t]} for t in tools], **base}
+        elif shape == "anthropic":
+            rec = {"id": f"ant_{i:09d}", **self.anthropic(system, tools, user, obs, answer, tool, args), **base}
+        elif shape in SESSION_SHAPES:
+            return shape, self.session(shape, i, base, system, user, obs, answer, tool, args)
         else:  # sharegpt
             rec = {"conversations": [
                 {"from": "system", "value": system}, {"from": "human", "value": user},
@@ -304,6 +315,63 @@ class Corpus:
             if rng.random() < 0.5:
                 rec["id"] = f"sg_{i:09d}"
         return shape, orjson.dumps(rec)
+
+
+    def anthropic(self, system: str, tools: list[str], user: str, obs: str, answer: str, tool: str,
+                  args: dict) -> dict:
+        """An Anthropic Messages transcript: system blocks, tools with input_schema, tool_use / tool_result."""
+        tid = f"toolu_{self.rng.randrange(10**12):012d}"
+        return {"model": "claude-sonnet-4-5", "max_tokens": 1024, "system": [{"type": "text", "text": system}],
+                "tools": [{"name": t, "description": TOOLS[t]["description"], "input_schema": TOOLS[t]["parameters"]}
+                          for t in tools],
+                "messages": [
+                    {"role": "user", "content": user},
+                    {"role": "assistant", "content": [{"type": "text", "text": "Checking."},
+                                                      {"type": "tool_use", "id": tid, "name": tool, "input": args}]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tid, "content": obs}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}
+
+    def session(self, shape: str, i: int, base: dict, system: str, user: str, obs: str, answer: str, tool: str,
+                args: dict) -> bytes:
+        """A Claude Code session or a Codex rollout: its event lines, joined (no newline after the last)."""
+        rng = self.rng
+        sid = f"{rng.getrandbits(32):08x}-{i:04x}-4{i % 4096:03x}-8{rng.getrandbits(12):03x}-{i:012x}"
+        stamp = base["created_at"]
+        if shape == "codex":
+            cid = f"call_{rng.randrange(10**8):08d}"
+
+            def item(payload: dict) -> dict:
+                return {"timestamp": stamp, "type": "response_item", "payload": payload}
+
+            events = [
+                {"timestamp": stamp, "type": "session_meta", "payload": {
+                    "id": sid, "timestamp": stamp, "cwd": "/workspace/app", "originator": "codex_cli_rs",
+                    "cli_version": "0.46.0", "instructions": system, "source": "cli"}},
+                item({"type": "message", "role": "user", "content": [{"type": "input_text", "text": user}]}),
+                {"timestamp": stamp, "type": "turn_context", "payload": {"model": "gpt-5-codex", "cwd": "/workspace/app"}},
+                item({"type": "reasoning", "summary": [{"type": "summary_text", "text": "**Looking it up**"}],
+                      "content": None, "encrypted_content": "gAAAAAB" + str(rng.getrandbits(64))}),
+                item({"type": "function_call", "name": tool, "arguments": orjson.dumps(args).decode(), "call_id": cid}),
+                item({"type": "function_call_output", "call_id": cid, "output": obs}),
+                item({"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": answer}]}),
+                {"timestamp": stamp, "type": "event_msg", "payload": {"type": "token_count", "info": None}},
+            ]
+        else:
+            common = {"sessionId": sid, "cwd": "/workspace/app", "version": "2.0.61", "gitBranch": "main",
+                      "isSidechain": False, "userType": "external", "timestamp": stamp}
+            tid = f"toolu_{rng.randrange(10**12):012d}"
+            msgs = [("user", {"role": "user", "content": user}),
+                    ("assistant", {"role": "assistant", "id": f"msg_{i}a", "model": "claude-sonnet-4-5",
+                                   "content": [{"type": "tool_use", "id": tid, "name": tool, "input": args}]}),
+                    ("user", {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tid, "content": obs}]}),
+                    ("assistant", {"role": "assistant", "id": f"msg_{i}b", "model": "claude-sonnet-4-5",
+                                   "content": [{"type": "text", "text": answer}]})]
+            events, parent = [], None
+            for k, (typ, msg) in enumerate(msgs):
+                uid = f"{sid[:24]}{k:012d}"
+                events.append({**common, "type": typ, "message": msg, "uuid": uid, "parentUuid": parent})
+                parent = uid
+        return b"\n".join(map(orjson.dumps, events))
 
 
 def generate(out: str | Path, n: int, seed: int = 0) -> dict[str, Any]:
@@ -319,6 +387,13 @@ def generate(out: str | Path, n: int, seed: int = 0) -> dict[str, Any]:
         for i in range(n):
             shape, data = gen.line(i)
             shard = i * shards // n
+            if shape in SESSION_SHAPES:  # one file a session, sharded into folders
+                folder = out / "traces" / SHAPES[shape][1] / f"{shard:03d}"
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / f"{SHAPES[shape][1]}-{i:09d}.jsonl").write_bytes(data + b"\n")
+                sizes.append(len(data) + 1)
+                total += len(data) + 1
+                continue
             fh = handles.get((shape, shard))
             if fh is None:
                 folder, stem, _ = SHAPES[shape]

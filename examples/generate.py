@@ -1300,6 +1300,177 @@ def add_duplicates(rng: random.Random, recs: list[dict], exact_share: float, nea
     return out
 
 
+# ----------------------------------------------------------------------------- agent sessions, Anthropic transcripts
+# Shaped as the files agent users have (see README "Accepted inputs"): Claude Code session logs (one event a line,
+# one file a session), Codex CLI rollouts (envelope lines: session_meta, response_item, event_msg...) and Anthropic
+# Messages transcripts whose final turn is a tool call (the answer an agent should give is a call).
+CC_CWD = "/workspace/crm-app"
+CC_MODEL = "claude-sonnet-4-5"
+
+
+def _uuid(rng: random.Random) -> str:
+    h = f"{rng.getrandbits(128):032x}"
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) % 4]}{h[17:20]}-{h[20:]}"
+
+
+def _stamp(minutes: int, second: int) -> str:
+    return (datetime(2026, 11, 1) + timedelta(minutes=minutes, seconds=second)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+def gen_claude_code(rng: random.Random, n: int, planted_log: list) -> dict[str, list[dict]]:
+    """Claude Code sessions triaging a bug report: search the code, read the hit, answer the triage line."""
+    files = {}
+    for _ in range(n):
+        ex, planted = clean_example(rng, "bug_triage", planted_log, base_p=0.08)
+        sid, t0, clock = _uuid(rng), rand_time(rng), iter(range(0, 3600, 3))
+        base = {"cwd": CC_CWD, "gitBranch": rng.choice(["main", "fix/triage", "main"]), "isSidechain": False,
+                "sessionId": sid, "userType": "external", "version": rng.choice(["2.0.61", "2.0.76", "2.1.1"])}
+        events: list[dict] = []
+        parent = None
+
+        def add(typ: str, message: dict, **kw) -> None:
+            nonlocal parent
+            uid = _uuid(rng)
+            events.append({**base, "message": message, "parentUuid": parent, "timestamp": _stamp(t0, next(clock)),
+                           "type": typ, "uuid": uid, **kw})
+            parent = uid
+
+        def reply(blocks: list[dict], stop: str | None) -> None:
+            mid, req = f"msg_01{sha(rng, 22)}", f"req_01{sha(rng, 22)}"
+            for b in blocks:  # Claude Code writes a streamed reply as one event per content block
+                add("assistant", {"content": [b], "id": mid, "model": CC_MODEL, "role": "assistant", "stop_reason": stop,
+                                  "stop_sequence": None, "type": "message",
+                                  "usage": {"input_tokens": rng.randint(3, 40), "output_tokens": rng.randint(20, 400)}},
+                    requestId=req)
+
+        path = ex["facts"]["path"]
+        add("user", {"content": f"Triage this bug as component=<...>; severity=<...>.\n\n{ex['input']}",
+                     "role": "user"}, permissionMode="default")
+        first = [{"type": "text", "text": rng.choice(["Let me find the code involved.", "Searching the repo first."])}]
+        if rng.random() < 0.4:
+            first.insert(0, {"signature": f"Eq{sha(rng, 30)}", "thinking": "Find where the failing code lives.",
+                             "type": "thinking"})
+        stem = path.rsplit("/", 1)[-1].removesuffix(".py")
+        calls = [("Grep", {"path": "src", "pattern": stem})]
+        if rng.random() < 0.5:
+            calls.append(("Read", {"file_path": f"{CC_CWD}/{path}", "limit": 40}))
+        ids = [f"toolu_01{sha(rng, 22)}" for _ in calls]
+        reply(first + [{"id": i, "input": a, "name": nm, "type": "tool_use"} for i, (nm, a) in zip(ids, calls)], "tool_use")
+        outs = [f"{path}:{rng.randint(10, 400)}: def {stem}(", f"def {stem}(rows):\n    return validate(rows)"]
+        add("user", {"content": [{"content": o, "is_error": False, "tool_use_id": i, "type": "tool_result"}
+                                 for i, o in zip(ids, outs)], "role": "user"},
+            toolUseResult={"numFiles": 1, "filenames": [path], "mode": "content"})
+        # then the team's triage script on the file it found: the answer restates what the script prints
+        tid = f"toolu_01{sha(rng, 22)}"
+        reply([{"id": tid, "input": {"command": f"python scripts/triage.py {path}", "description": "Run the triage script"},
+                "name": "Bash", "type": "tool_use"}], "tool_use")
+        labels = ex["labels"]
+        out = f"component: {labels['component']}\nseverity: {labels['severity']}\nowner: team-{labels['component']}"
+        add("user", {"content": [{"content": out, "is_error": False, "tool_use_id": tid, "type": "tool_result"}],
+                     "role": "user"}, toolUseResult={"interrupted": False, "stderr": "", "stdout": out})
+        reply([{"text": ex["answer"], "type": "text"}], "end_turn")
+        if rng.random() < 0.15:  # a subagent branch, written inline as older versions do
+            parent = None
+            base = {**base, "isSidechain": True}
+            add("user", {"content": f"Find the tests that cover {path}.", "role": "user"})
+            reply([{"text": f"tests/test_{stem}.py covers it.", "type": "text"}], "end_turn")
+        events.insert(0, {"leafUuid": events[-1]["uuid"], "summary": f"Triage: {ex['answer']}", "type": "summary"})
+        files[f"traces/claude-code/-workspace-crm-app/{sid}.jsonl"] = events
+        del planted
+    return files
+
+
+def gen_codex(rng: random.Random, n: int, planted_log: list) -> dict[str, list[dict]]:
+    """Codex CLI rollouts normalising a CRM record: resolve the country with a shell tool, then answer the JSON."""
+    files = {}
+    for _ in range(n):
+        ex, _planted = clean_example(rng, "crm_normalization", planted_log)
+        sid, t0 = _uuid(rng), rand_time(rng)
+        clock = iter(range(0, 3600, 2))
+
+        def line(typ: str, payload: dict) -> dict:
+            return {"payload": payload, "timestamp": _stamp(t0, next(clock)), "type": typ}
+
+        call_id = f"call_{sha(rng, 24)}"
+        surface = ex["facts"]["country_surface"]
+        recs = [
+            line("session_meta", {"cli_version": rng.choice(["0.46.0", "0.58.0"]), "cwd": "/workspace/crm-sync",
+                                  "git": {"branch": "main", "commit_hash": sha(rng)}, "id": sid, "instructions": None,
+                                  "model_provider": "openai", "originator": "codex_cli_rs", "source": "cli",
+                                  "timestamp": _stamp(t0, 0)}),
+            line("response_item", {"content": [{"text": "<environment_context>\n  <cwd>/workspace/crm-sync</cwd>\n"
+                                                        "</environment_context>", "type": "input_text"}],
+                                   "role": "user", "type": "message"}),
+            line("response_item", {"content": [{"text": "Normalize this CRM record to JSON.\n" + ex["input"],
+                                                 "type": "input_text"}], "role": "user", "type": "message"}),
+            line("turn_context", {"approval_policy": "on-request", "cwd": "/workspace/crm-sync", "model": "gpt-5-codex",
+                                  "sandbox_policy": {"mode": "workspace-write"}, "summary": "auto"}),
+            line("response_item", {"content": None, "encrypted_content": f"gAAAAA{sha(rng, 40)}",
+                                   "summary": [{"text": "**Resolving the country code**", "type": "summary_text"}],
+                                   "type": "reasoning"}),
+            line("response_item", {"arguments": json.dumps({"command": ["crm", "country", surface]}, ensure_ascii=False),
+                                   "call_id": call_id, "name": "shell", "type": "function_call"}),
+            line("response_item", {"call_id": call_id, "output": json.dumps(
+                {"metadata": {"exit_code": 0}, "output": ex["labels"]["country"] + "\n"}), "type": "function_call_output"}),
+            line("response_item", {"content": [{"text": ex["answer"], "type": "output_text"}], "role": "assistant",
+                                   "type": "message"}),
+            line("event_msg", {"info": {"total_token_usage": {"input_tokens": rng.randint(2000, 9000),
+                                                              "output_tokens": rng.randint(40, 300)}},
+                               "type": "token_count"}),
+        ]
+        files[f"traces/codex/rollout-{_stamp(t0, 0)[:19].replace(':', '-')}-{sid}.jsonl"] = recs
+    return files
+
+
+TOOL_SYSTEM = {
+    "ticket_triage": "You triage support tickets. File each one with create_ticket: category auth, billing, bug, "
+                     "feature_request or account; priority high, medium or low.",
+    "showing_intent": "You handle buyer messages about listings. Request a showing with schedule_showing when they "
+                      "want a tour; otherwise fetch the listing with get_listing.",
+    "clause_tagging": "You review contract clauses. Look up the playbook position with clause_library_lookup.",
+}
+
+
+def _tool_answer(wf: str, ex: dict) -> tuple[str, dict]:
+    labels, facts = ex["labels"], ex["facts"]
+    if wf == "ticket_triage":
+        return "create_ticket", {"category": labels["category"], "priority": labels["priority"],
+                                 "summary": TICKET_SUMMARY[labels["category"]]}
+    if wf == "showing_intent":
+        if labels["label"] == "schedule_showing":
+            return "schedule_showing", {"listing_id": facts["listing_id"], "slot": facts["slot"]}
+        return "get_listing", {"listing_id": facts["listing_id"]}
+    return "clause_library_lookup", {"clause_type": facts["clause"]}
+
+
+def gen_anthropic(rng: random.Random, n: int, planted_log: list) -> list[dict]:
+    """Anthropic Messages transcripts (system string or blocks, tools with input_schema) ending in a tool call."""
+    out = []
+    wfs = [("ticket_triage", "showing_intent", "clause_tagging")[i % 3] for i in range(n)]
+    rng.shuffle(wfs)
+    for i, wf in enumerate(wfs, 1):
+        ex, planted = clean_example(rng, wf, planted_log, base_p=0.08)
+        tools = [{"description": TOOLS[t]["description"], "input_schema": TOOLS[t]["parameters"], "name": t}
+                 for t in WF_TOOLS[wf]]
+        msgs: list[dict] = [{"content": ex["input"], "role": "user"}]
+        emails = [v for v in planted if v in PLANTED_EMAILS]
+        if wf == "ticket_triage" and emails:  # look the customer up first, then file the ticket
+            tid = f"toolu_01{sha(rng, 22)}"
+            msgs += [{"content": [{"id": tid, "input": {"email": emails[0]}, "name": "crm_lookup", "type": "tool_use"}],
+                      "role": "assistant"},
+                     {"content": [{"content": json.dumps({"found": True, "contact_id": f"C-{rng.randint(10000, 99999)}"}),
+                                   "tool_use_id": tid, "type": "tool_result"}], "role": "user"}]
+        name_, args = _tool_answer(wf, ex)
+        final = [{"id": f"toolu_01{sha(rng, 22)}", "input": args, "name": name_, "type": "tool_use"}]
+        msgs.append({"content": final, "role": "assistant"})
+        system = TOOL_SYSTEM[wf]
+        rec = {"domain": WORKFLOWS[wf]["domain"], "id": f"anth_{wf}_{i:04d}", "max_tokens": 1024, "messages": msgs,
+               "model": CC_MODEL, "system": [{"text": system, "type": "text"}] if rng.random() < 0.5 else system,
+               "tools": tools, "workflow": wf, "created_at": iso(rand_time(rng))}
+        out.append(rec)
+    return out
+
+
 # ----------------------------------------------------------------------------- main
 FILES = [
     "approved-runs/runs-2026-11.jsonl",
@@ -1310,9 +1481,11 @@ FILES = [
     "traces/openai-toolcalls.jsonl",
     "synthetic/synthetic-v1.jsonl",
     "adversarial/adversarial-v1.jsonl",
+    "traces/anthropic-tooluse.jsonl",
 ]
+SESSION_DIRS = ("traces/claude-code/", "traces/codex/")  # one file per session, named by its id
 COUNTS = {"approved_runs": 450, "messages": 100, "conversation": 70, "pairs": 70, "sharegpt": 80, "openai": 80,
-          "synthetic": 150, "adversarial": 80}
+          "synthetic": 150, "adversarial": 80, "anthropic": 90, "claude_code": 60, "codex": 30}
 
 
 def build(seed: int = DEFAULT_SEED) -> dict[str, list[dict]]:
@@ -1353,6 +1526,11 @@ def build(seed: int = DEFAULT_SEED) -> dict[str, list[dict]]:
     files[FILES[5]] = add_duplicates(rng, gen_openai(rng, COUNTS["openai"], planted_log), 0.03, 0.02)
     files[FILES[6]] = gen_synthetic(rng, COUNTS["synthetic"])
     files[FILES[7]] = gen_adversarial(rng, COUNTS["adversarial"])
+    # Drawn after everything above, so that adding them left the files above byte-identical.
+    anth = gen_anthropic(rng, COUNTS["anthropic"], planted_log)
+    files[FILES[8]] = add_duplicates(rng, anth, 0.03, 0.02, reid("anth"))
+    files.update(gen_claude_code(rng, COUNTS["claude_code"], planted_log))
+    files.update(gen_codex(rng, COUNTS["codex"], planted_log))
     return files
 
 

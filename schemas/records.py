@@ -82,7 +82,8 @@ class Trace(_Strict):
     source_run_id_hash: str | None = None
     source_file: str = Field(description="path relative to the snapshot root")
     source_line: int
-    format: Literal["approved_run", "openai", "openclaw_messages", "openclaw_conversation", "openclaw_pair", "sharegpt"]
+    format: Literal["approved_run", "openai", "openclaw_messages", "openclaw_conversation", "openclaw_pair", "sharegpt",
+                    "anthropic", "responses", "hermes", "claude_code", "codex"]
     bucket: Bucket
     source: str = "unknown"
     created_at: str | None = None
@@ -98,6 +99,9 @@ class Trace(_Strict):
     ineligible: list[str] = Field(default_factory=list, description="why it may not train, when it may not")
     redactions: dict[str, int] = Field(default_factory=dict, description="detector -> replacements")
     extra: dict[str, Any] = Field(default_factory=dict, description="other source fields, redacted")
+    omitted: dict[str, int] = Field(default_factory=dict, description=(
+        "content kept out of the messages by policy, by kind (thinking, image, tool_error, sidechain_events, "
+        "off_thread_message, item_<type>); the content itself is under extra (inline image bytes: size only)"))
 
 
 class Reject(_Strict):

@@ -118,6 +118,9 @@ class GateParams(_Params):
         0.05, ge=0, description="largest allowed exact-match drop (baseline - adapter) in any workflow"
     )
     min_workflow_examples: int = Field(5, ge=1, description="workflows with fewer cases are reported, not gated")
+    min_delta_tool_call_accuracy: float = Field(
+        0.0, ge=-1, le=1, description="smallest allowed tool-call accuracy delta (adapter - baseline), overall and in "
+        "every workflow with at least min_workflow_examples tool-call cases; 0 = no regression allowed")
     min_eval_examples: int = Field(50, ge=0)
     require_min_example_ok: bool = True
     require_redaction_ok: bool = True
@@ -147,6 +150,11 @@ class ModelScores(_Out):
     json_valid: float | None = None
     json_field_accuracy: float | None = None
     forbidden_violation_rate: float | None = None
+    # only over cases whose reference makes tool calls (None when there are none); see stages/metrics.py
+    tool_call_accuracy: float | None = None
+    tool_name_accuracy: float | None = None
+    tool_args_f1: float | None = None
+    tool_call_parse_rate: float | None = None
 
 
 class McNemar(_Out):

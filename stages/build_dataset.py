@@ -26,6 +26,7 @@ from schemas.params import BuildDatasetParams, RedactParams
 from schemas.records import DatasetManifest, SplitRow
 from stages.core import (SpillSort, atomic_open, block_lines, content_id, dumps, line_blocks, load_params,
                          progress, read_jsonl, unit_hash, write_json)
+from stages.chat import reference_text
 from stages.detectors import BATCH_SEP, Redactor
 from stages.leaks import Canaries, scan_text, strings
 
@@ -51,7 +52,8 @@ def quality_reason(messages: list[dict], outcome: str, params: BuildDatasetParam
         if m["role"] in ("user", "assistant") and not m.get("content", "").strip() and not m.get("tool_calls"):
             return "empty_turn"
         prev = m
-    if len(body[-1].get("content", "").strip()) < params.min_answer_chars:
+    # A final turn of tool calls is an answer: for an agent, the call is what it should do next.
+    if len(reference_text(body[-1])) < params.min_answer_chars:
         return "empty_answer"
     n = sum(len(m.get("content", "")) for m in messages)
     if n < params.min_chars:
@@ -77,8 +79,17 @@ def row_id(messages: list[dict]) -> str:
     return content_id(canonical(messages))
 
 
+def _text(m: dict) -> str:
+    """A turn's words for near dedup: its text and, for a call, the tool's name and arguments (two answers
+    that call different tools, or with different arguments, are not the same example)."""
+    calls = m.get("tool_calls")
+    if not calls:
+        return m.get("content", "")
+    return " ".join([m.get("content", "")] + [f"{c['function']['name']} {c['function']['arguments']}" for c in calls])
+
+
 def shingles(messages: list[dict], n: int) -> set[bytes]:
-    words = _WORD.findall(" ".join(m.get("content", "") for m in messages if m["role"] != "system").lower())
+    words = _WORD.findall(" ".join(_text(m) for m in messages if m["role"] != "system").lower())
     if len(words) <= n:
         return {" ".join(words).encode()}
     return {" ".join(words[i:i + n]).encode() for i in range(len(words) - n + 1)}
@@ -107,7 +118,7 @@ def _mod_prime_low32(x: np.ndarray) -> None:
 
 def _words(messages: list[dict]) -> list[bytes]:
     """shingles()' words, as UTF-8 bytes."""
-    text = " ".join(m.get("content", "") for m in messages if m["role"] != "system").lower()
+    text = " ".join(_text(m) for m in messages if m["role"] != "system").lower()
     if text.isascii():
         return text.encode().translate(_NON_WORD).split()
     return [w.encode() for w in _WORD.findall(text)]

@@ -20,6 +20,7 @@ import orjson
 
 from schemas.params import ExportParams
 from schemas.records import ContextCard, EvalCase, FlywheelMetrics, TraceRecord, TrainingExample
+from stages.chat import reference_text, render_tool_call
 from stages.core import (atomic_dir, block_lines, content_id, dumps, line_blocks, load_params, read_jsonl, safe_name,
                          progress, unit_hash, write_json, write_text)
 
@@ -42,8 +43,12 @@ def prompt_messages(trace: dict) -> list[dict]:
 
 
 def answer(trace: dict) -> str:
+    """The final assistant turn as the text a model should produce: its content, and its tool calls written
+    the way the chat template renders them (stages/chat.py): for an agent, a call is a complete answer."""
     msgs = trace["messages"]
-    return msgs[-1]["content"] if msgs and msgs[-1]["role"] == "assistant" else ""
+    if not msgs or msgs[-1]["role"] != "assistant":
+        return ""
+    return reference_text(msgs[-1]) if msgs[-1].get("tool_calls") else msgs[-1]["content"]
 
 
 def render(messages: Iterable[dict], roles: tuple[str, ...] = ("user", "assistant", "tool")) -> str:
@@ -159,8 +164,13 @@ def training_example(trace: dict) -> dict:
 _EXAMPLE_META_STRS = ("domain", "workflow", "pii_level", "bucket", "source", "outcome")
 
 
-def expected_behavior(reference: str) -> list[str]:
-    """Checkable statements about the approved answer: field by field when it is a JSON object."""
+def expected_behavior(reference: str, final: dict | None = None) -> list[str]:
+    """Checkable statements about the approved answer: field by field when it is a JSON object; for a turn
+    with tool calls, its text (if any) and each call as the model should write it."""
+    if final is not None and final.get("tool_calls"):
+        text = final.get("content", "").strip()
+        return ([text] if text else []) + [render_tool_call(c["function"]["name"], c["function"]["arguments"])
+                                           for c in final["tool_calls"]]
     try:
         obj = orjson.loads(reference)
     except orjson.JSONDecodeError:
@@ -173,13 +183,16 @@ def expected_behavior(reference: str) -> list[str]:
 def eval_case(trace: dict) -> dict:
     extra = trace["extra"]
     ref = answer(trace)
-    is_json = expected_behavior(ref) != [ref]
+    final = trace["messages"][-1] if trace["messages"] and trace["messages"][-1]["role"] == "assistant" else None
+    calls = bool(final and final.get("tool_calls"))
+    is_json = not calls and expected_behavior(ref) != [ref]
     forbidden = [_FAILURE_TEXT.get(f, f.replace("_", " ").capitalize()) for f in _strs(extra.get("failure_modes"))]
     case = EvalCase(
         id=f"eval_{trace['id']}", domain=trace["domain"], workflow=trace["workflow"],
-        input_redacted=render(prompt_messages(trace)), expected_behavior=expected_behavior(ref),
+        input_redacted=render(prompt_messages(trace)), expected_behavior=expected_behavior(ref, final),
         forbidden_behavior=sorted(set(forbidden)) + _ALWAYS_FORBIDDEN,
-        rubric=["Matches the approved answer after normalisation"] + (["Valid JSON with the approved fields"] if is_json else []),
+        rubric=["Matches the approved answer after normalisation"] + (["Valid JSON with the approved fields"] if is_json else [])
+        + (["Calls the approved tools, in order, with the approved arguments"] if calls else []),
         tags=sorted({*_strs(extra.get("eval_tags")), trace["bucket"], trace["workflow"]}),
         source_trace_ids=[trace["id"]],
     )

@@ -30,7 +30,7 @@ from stages.leaks import Canaries, redactor_from, scan_text, strings
 EPS = 1e-9
 DATA_CHECKS = ("dataset_min_examples_ok", "dataset_redaction_ok", "leak_scan_ok")
 IMPROVEMENT_CHECKS = ("exact_delta_ok", "keyword_recall_delta_ok", "min_eval_examples_ok", "workflow_regression_ok",
-                      "inputs_consistent_ok")
+                      "tool_call_accuracy_ok", "inputs_consistent_ok")
 
 
 def _fmt(x: float | None) -> str:
@@ -83,6 +83,27 @@ def _regression_check(res: EvalResults, params: GateParams) -> dict:
     return _detail(worst, params.max_workflow_regression, ok, reason + note)
 
 
+def _tool_call_check(res: EvalResults, params: GateParams) -> dict:
+    """No regression in tool-call accuracy: overall and in every workflow with at least min_workflow_examples
+    cases whose reference makes tool calls, the delta (adapter - baseline, the mean) must be at least
+    min_delta_tool_call_accuracy. Cases without tool calls don't count; with too few tool-call cases anywhere
+    the check passes and says so (nothing to gate on is not a regression), and gate.md shows the figures."""
+    metric, need, floor = "tool_call_accuracy", params.min_workflow_examples, params.min_delta_tool_call_accuracy
+    groups = [("all workflows", res.counts.get(metric, 0), res.delta.get(metric))] + [
+        (wf, c.counts.get(metric, 0), c.delta.get(metric)) for wf, c in sorted(res.per_workflow.items())]
+    gated = [(name, n, d) for name, n, d in groups if n >= need and d is not None]
+    skipped = [f"{name} ({n})" for name, n, d in groups[1:] if 0 < n < need]
+    note = f"; not gated (< {need} tool-call cases): {', '.join(skipped)}" if skipped else ""
+    if not gated:
+        total = res.counts.get(metric, 0)
+        why = "no held-out case makes a tool call" if total == 0 else f"only {total} held-out tool-call cases"
+        return _detail(None, floor, True, f"{why}: not gated{note}")
+    worst = min(gated, key=lambda g: (round(g[2], 9), g[0]))
+    ok = worst[2] >= floor - EPS
+    return _detail(worst[2], floor, ok, f"smallest tool-call accuracy delta {_fmt(worst[2])} (in {worst[0]}, "
+                   f"{worst[1]} cases) {'>=' if ok else '<'} {floor}{note}")
+
+
 def _where(hits: list[dict], limit: int = 5) -> str:
     shown = ", ".join(f"{h['file']}:{h['line']} ({h['detector']})" for h in hits[:limit])
     return shown + (f" and {len(hits) - limit} more" if len(hits) > limit else "")
@@ -123,6 +144,7 @@ def decide(eval_results: EvalResults | dict, manifest: dict, params: GateParams,
                                         f"{res.n} held-out cases {'>=' if res.n >= params.min_eval_examples else '<'} "
                                         f"{params.min_eval_examples}"),
         "workflow_regression_ok": _regression_check(res, params),
+        "tool_call_accuracy_ok": _tool_call_check(res, params),
         "inputs_consistent_ok": _detail(
             res.dataset_digest, digest, bool(digest) and res.dataset_digest == digest,
             "the adapter was trained on this manifest's dataset" if digest and res.dataset_digest == digest else
@@ -185,8 +207,35 @@ def report(decision: GateDecision, res: EvalResults) -> str:
         lines.append(f"| {wf} | {c.n} | {_cell(c.baseline.exact_match)} | {_cell(c.finetuned.exact_match)} | "
                      f"{_fmt(c.delta.get('exact_match'))} | " + (f"{_fmt(ci.low)}..{_fmt(ci.high)}" if ci else "n/a")
                      + f" | {c.mcnemar_exact_match.p_value:.3g} |")
+    lines += _tool_call_table(res, conf, decision.thresholds.get("min_workflow_examples"))
     lines.append("")
     return "\n".join(lines)
+
+
+_TOOL_COLUMNS = ("tool_call_accuracy", "tool_name_accuracy", "tool_args_f1", "tool_call_parse_rate")
+
+
+def _tool_call_table(res: EvalResults, conf: str, min_cases: Any) -> list[str]:
+    """Per workflow, the tool-call metrics (adapter, and delta with its CI), over the cases that make calls."""
+    if not res.counts.get("tool_call_accuracy"):
+        return ["", "### Tool calls", "", "No held-out case makes a tool call: the tool-call metrics are not defined, and "
+                "`tool_call_accuracy_ok` passes without gating (there is nothing to regress on)."]
+    lines = ["", f"### Tool calls per workflow (adapter, delta and {conf} CI; cases whose reference makes calls)", "",
+             f"Cases without a tool call are not counted; a workflow with fewer than {min_cases} tool-call cases is "
+             "shown but not gated.", "",
+             "| workflow | n | " + " | ".join(_TOOL_COLUMNS) + " |", "|---|---|" + "---|" * len(_TOOL_COLUMNS)]
+    groups = [("ALL", res.counts, res.finetuned, res.delta, res.ci)] + [
+        (wf, c.counts, c.finetuned, c.delta, c.ci) for wf, c in sorted(res.per_workflow.items())]
+    for wf, counts, tuned, delta, ci in groups:
+        if not counts.get("tool_call_accuracy"):
+            continue
+        cells = []
+        for m in _TOOL_COLUMNS:
+            iv = ci.get(m)
+            cells.append(f"{_cell(getattr(tuned, m))} ({_fmt(delta.get(m))}"
+                         + (f", {_fmt(iv.low)}..{_fmt(iv.high)})" if iv else ")"))
+        lines.append(f"| {wf} | {counts['tool_call_accuracy']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _withhold(obj: Any, hit: Any) -> Any:

@@ -12,6 +12,18 @@ Per case and model:
 - forbidden_violation: only when the case lists forbidden_behavior: 1 if any item occurs (normalised substring)
   in the prediction. A literal phrase check, not a judgement of intent.
 
+Tool calls, only when the reference answer makes any (written and parsed in the one format of stages/chat.py),
+scored as calls, not as text; the checks follow the Berkeley Function Calling Leaderboard's AST checker: argument
+key order does not matter, an integral float equals the int (3.0 == 3), parallel calls match in any order, and a
+call must name the right function before its arguments count:
+- tool_call_accuracy: 1 when the predicted calls are exactly the reference calls (names and canonical arguments,
+  as a multiset); the gate's tool-call metric.
+- tool_name_accuracy: reference call names matched by predicted ones (multiset), over the larger of the two
+  counts, so extra calls cost as missing ones do.
+- tool_args_f1: F1 over (function, argument, canonical value) triples: partial credit for partly right arguments.
+- tool_call_parse_rate: share of the prediction's <tool_call> blocks that parse; 0 when it wrote none (the calls
+  the reference makes did not come out as calls at all), so that it is defined, and paired, on every such case.
+
 Aggregates are means over the cases where a metric is defined; deltas are adapter - baseline on the same cases.
 """
 from __future__ import annotations
@@ -25,7 +37,11 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-METRICS = ("exact_match", "keyword_recall", "token_f1", "json_valid", "json_field_accuracy", "forbidden_violation")
+from stages.chat import canonical_json, parse_tool_calls
+
+TOOL_METRICS = ("tool_call_accuracy", "tool_name_accuracy", "tool_args_f1", "tool_call_parse_rate")
+METRICS = ("exact_match", "keyword_recall", "token_f1", "json_valid", "json_field_accuracy",
+           "forbidden_violation") + TOOL_METRICS
 # the aggregate name of each per-case metric
 AGG_NAME = {m: m for m in METRICS} | {"forbidden_violation": "forbidden_violation_rate"}
 
@@ -154,10 +170,66 @@ def forbidden_violation(pred: str, forbidden: Sequence[str] | None, norm: Normal
     return float(any(f" {f} " in p for f in items))
 
 
+def _plain_numbers(value: Any) -> Any:
+    """BFCL's type leniency: 3.0 and 3 are the same argument (bools stay bools)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _plain_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_numbers(v) for v in value]
+    return value
+
+
+def _call_key(call: dict) -> str:
+    return canonical_json([call["name"], _plain_numbers(call["arguments"])])
+
+
+def _arg_triples(calls: list[dict]) -> Counter:
+    out: Counter = Counter()
+    for c in calls:
+        args = _plain_numbers(c["arguments"])
+        if isinstance(args, dict):
+            out.update((c["name"], k, canonical_json(v)) for k, v in args.items())
+        else:
+            out[(c["name"], "", canonical_json(args))] += 1
+    return out
+
+
+def _f1(pred: Counter, ref: Counter) -> float:
+    if not pred and not ref:
+        return 1.0
+    common = sum((pred & ref).values())
+    if common == 0:
+        return 0.0
+    p, r = common / sum(pred.values()), common / sum(ref.values())
+    return 2 * p * r / (p + r)
+
+
+_NO_TOOL_SCORES: dict[str, float | None] = dict.fromkeys(TOOL_METRICS)
+
+
+def tool_call_scores(pred: str, ref: str) -> dict[str, float | None]:
+    """The four tool-call metrics of one case; all None when the reference makes no call (not counted)."""
+    ref_calls, _ = parse_tool_calls(ref)
+    if not ref_calls:
+        return dict(_NO_TOOL_SCORES)
+    pred_calls, bad = parse_tool_calls(pred)
+    names_p, names_r = Counter(c["name"] for c in pred_calls), Counter(c["name"] for c in ref_calls)
+    blocks = len(pred_calls) + bad
+    return {
+        "tool_call_accuracy": float(Counter(map(_call_key, pred_calls)) == Counter(map(_call_key, ref_calls))),
+        "tool_name_accuracy": sum((names_p & names_r).values()) / max(len(pred_calls), len(ref_calls)),
+        "tool_args_f1": _f1(_arg_triples(pred_calls), _arg_triples(ref_calls)),
+        "tool_call_parse_rate": len(pred_calls) / blocks if blocks else 0.0,
+    }
+
+
 def score_case(pred: str, ref: str, norm: Normalizer, stopwords: Iterable[str] = STOPWORDS,
                expected: Sequence[str] | None = None, forbidden: Sequence[str] | None = None) -> dict[str, float | None]:
     valid, fields = json_scores(pred, ref)
     return {
+        **tool_call_scores(pred, ref),
         "exact_match": exact_match(pred, ref, norm),
         "keyword_recall": keyword_recall(pred, ref, norm, stopwords, expected),
         "token_f1": token_f1(pred, ref, norm),
@@ -222,8 +294,9 @@ def compare(cases: Sequence[dict], samples: int, confidence: float, seed: int) -
     """
     out: dict[str, Any] = {"n": len(cases), "counts": {}, "baseline": {}, "finetuned": {}, "delta": {}, "ci": {}}
     for i, metric in enumerate(METRICS):
-        pairs = [(c["baseline"][metric], c["adapter"][metric]) for c in cases if c["baseline"][metric] is not None
-                 and c["adapter"][metric] is not None]
+        # .get: a metric a case's scores lack (scored before it existed) is undefined there, like None
+        pairs = [(c["baseline"][metric], c["adapter"][metric]) for c in cases if c["baseline"].get(metric) is not None
+                 and c["adapter"].get(metric) is not None]
         name = AGG_NAME[metric]
         out["counts"][name] = len(pairs)
         b = [p[0] for p in pairs]

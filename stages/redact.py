@@ -33,7 +33,8 @@ from schemas.records import Reject
 from stages.core import (KeyedHasher, atomic_dir, atomic_open, dumps, line_blocks, load_key, load_params, progress,
                          write_json)
 from stages.detectors import BATCH_SEP, Finding, Placeholders, Redactor
-from stages.readers import ParseError, normalize, normalize_arguments, parse_line
+from stages.readers import (SESSION_FORMATS, ParseError, normalize, normalize_arguments, parse_line, session_traces,
+                            sniff_file)
 
 # Snapshot sub-folder -> mixing bucket. approved-runs and traces are both real work.
 BUCKETS = {"approved-runs": "real", "traces": "real", "synthetic": "synthetic", "adversarial": "adversarial"}
@@ -75,6 +76,21 @@ def plan_blocks(files: Iterable[tuple[str, str, Path]],
     for rel, bucket, path in files:
         for blk in line_blocks(path, block, numbered=True):
             yield (rel, bucket, *blk)
+
+
+def plan_work(files: Iterable[tuple[str, str, Path]],
+              block: int = BLOCK_BYTES) -> Iterator[tuple[str, str, str, int, int, int, str | None]]:
+    """plan_blocks plus the reading mode: a session file (Claude Code, Codex: a trace spans many lines) is one
+    block read whole by one worker, with its format; any other file is cut as usual (mode None)."""
+    for rel, bucket, path in files:
+        fmt = sniff_file(path)
+        if fmt in SESSION_FORMATS:
+            size = path.stat().st_size
+            if size:
+                yield rel, bucket, str(path), 0, size, 1, fmt
+        else:
+            for blk in plan_blocks([(rel, bucket, path)], block):
+                yield (*blk, None)
 
 
 def block_lines(path: str, offset: int, length: int, first: int) -> Iterator[tuple[int, bytes | None]]:
@@ -383,9 +399,14 @@ class Worker:
         for slot in range(first, min(first + SCAN_BATCH, len(lines))):
             lineno, raw = lines[slot]
             try:
-                if len(raw) > self.params.max_line_bytes:
+                if not isinstance(raw, bytes):  # a session's trace, normalised already (or its ParseError)
+                    if isinstance(raw, ParseError):
+                        raise raw
+                    fields = raw
+                elif len(raw) > self.params.max_line_bytes:
                     raise ParseError("line_too_long", f"{len(raw)} bytes > max_line_bytes {self.params.max_line_bytes}")
-                fields = normalize(parse_line(raw))
+                else:
+                    fields = normalize(parse_line(raw))
             except ParseError as exc:
                 rej = Reject(file=rel, line=lineno, reason=exc.reason, detail=exc.detail)
                 results[slot] = ("reject", dumps(rej), {"reason": exc.reason})
@@ -402,13 +423,16 @@ class Worker:
               rel: str, bucket: str, lineno: int) -> tuple[bytes, dict]:
         # Id-less rows are named by where they sit; the snapshot's file names are content-derived.
         tid = self.hasher(f"id:{source_id}" if source_id is not None else f"line:{rel}:{lineno}", "trace")
+        omitted = fields.pop("omitted", None) or None  # what was kept out of the messages, by kind
         rec = {
             **fields, "id": tid, "source_file": rel, "source_line": lineno, "bucket": bucket,
             "source_run_id_hash": self.hasher(source_id, "run") if source_id is not None else None,
             "trainable": not ineligible, "ineligible": ineligible, "redactions": dict(sorted(counts.items())),
+            "omitted": omitted,
         }
         return dumps({k: v for k, v in rec.items() if v is not None}), {
-            "id": tid, "file": rel, "line": lineno, "bucket": bucket, "counts": counts, "ineligible": ineligible}
+            "id": tid, "file": rel, "line": lineno, "bucket": bucket, "counts": counts, "ineligible": ineligible,
+            "omitted": omitted}
 
 
 _WORKER: Worker | None = None
@@ -419,15 +443,34 @@ def _init(params: RedactParams, key: bytes) -> None:
     _WORKER = Worker(params, key)
 
 
-def _work(block: tuple[str, str, str, int, int, int]) -> tuple[str, str, int, int, list[tuple]]:
-    """One block -> (rel, bucket, lines, blank lines, results in line order).
+def _session_lines(fmt: str, lines: list[tuple[int, bytes]], max_line_bytes: int) -> tuple[list[tuple], int]:
+    """A session file's lines -> ((first line, fields or ParseError) per trace or rejected line, lines merged
+    into traces beyond their first)."""
+    parsed = []
+    for lineno, raw in lines:
+        try:
+            if len(raw) > max_line_bytes:
+                raise ParseError("line_too_long", f"{len(raw)} bytes > max_line_bytes {max_line_bytes}")
+            parsed.append((lineno, parse_line(raw)))
+        except ParseError as exc:
+            parsed.append((lineno, exc))
+    out, merged = [], 0
+    for first, rec, took in session_traces(fmt, parsed):
+        out.append((first, rec))
+        merged += took - 1
+    return out, merged
 
-    A result is ("reject", payload, reason) or ("trace", payload, id, line, counts, ineligible); the
-    parent keeps the first trace of each id, so the per-trace figures travel with it.
+
+def _work(block: tuple[str, str, str, int, int, int, str | None]) -> tuple[str, str, int, int, list[tuple], int]:
+    """One block -> (rel, bucket, lines, blank lines, results in line order, lines merged into sessions).
+
+    A result is ("reject", payload, reason) or ("trace", payload, id, line, counts, ineligible, omitted); the
+    parent keeps the first trace of each id, so the per-trace figures travel with it. A session file's block
+    (fmt set) is grouped into its traces first.
     """
     assert _WORKER is not None
-    rel, bucket, path, offset, length, first = block
-    lines = blank = 0
+    rel, bucket, path, offset, length, first, fmt = block
+    lines = blank = merged = 0
     out: list[tuple] = []
     todo: list[tuple[int, bytes]] = []
     for lineno, raw in block_lines(path, offset, length, first):
@@ -436,12 +479,15 @@ def _work(block: tuple[str, str, str, int, int, int]) -> tuple[str, str, int, in
             blank += 1
         else:
             todo.append((lineno, raw))
+    if fmt is not None:
+        todo, merged = _session_lines(fmt, todo, _WORKER.params.max_line_bytes)
     for (lineno, _), (kind, payload, info) in zip(todo, _WORKER.block(rel, bucket, todo)):
         if kind == "reject":
             out.append((kind, payload, info["reason"]))
         else:
-            out.append((kind, payload, info["id"], lineno, info["counts"] or None, info["ineligible"] or None))
-    return rel, bucket, lines, blank, out
+            out.append((kind, payload, info["id"], lineno, info["counts"] or None, info["ineligible"] or None,
+                        info["omitted"]))
+    return rel, bucket, lines, blank, out, merged
 
 
 def run(raw_root: Path, out_traces: Path, out_rejects: Path, params: RedactParams, key: bytes) -> dict[str, Any]:
@@ -452,11 +498,12 @@ def run(raw_root: Path, out_traces: Path, out_rejects: Path, params: RedactParam
     detectors: Counter = Counter()
     ineligible: Counter = Counter()
     by_bucket: Counter = Counter()
+    omitted_kinds: Counter = Counter()
     seen: dict[str, tuple[str, int]] = {}
     traces_with_redactions = 0
     workers = params.workers or os.cpu_count() or 1
     stats["files"] = len(files)
-    blocks = list(plan_blocks(files))
+    blocks = list(plan_work(files))
     with atomic_open(out_traces) as ft, atomic_open(out_rejects) as fr:
         for rej in file_rejects:
             fr.write(dumps(rej) + b"\n")
@@ -471,16 +518,17 @@ def run(raw_root: Path, out_traces: Path, out_rejects: Path, params: RedactParam
             results = map(_work, blocks)
         results = progress(results, blocks, "redact", lambda r: r[2] - r[3], length_at=4)  # stderr only
         try:
-            for rel, bucket, lines, blank, out in results:
+            for rel, bucket, lines, blank, out, merged in results:
                 stats["lines"] += lines
                 stats["blank_lines"] += blank
+                stats["merged_lines"] += merged
                 kept: list[bytes] = []
                 for r in out:
                     if r[0] == "reject":
                         fr.write(r[1] + b"\n")
                         reasons[r[2]] += 1
                         continue
-                    _, payload, tid, lineno, counts, inel = r
+                    _, payload, tid, lineno, counts, inel, omitted = r
                     if tid in seen:
                         first = seen[tid]
                         rej = Reject(file=rel, line=lineno, reason="duplicate_id",
@@ -493,6 +541,7 @@ def run(raw_root: Path, out_traces: Path, out_rejects: Path, params: RedactParam
                     if counts:
                         detectors.update(counts)
                         traces_with_redactions += 1
+                    omitted_kinds.update(omitted or {})
                     if inel:
                         ineligible.update(inel)
                     else:
@@ -508,14 +557,17 @@ def run(raw_root: Path, out_traces: Path, out_rejects: Path, params: RedactParam
     rejected = sum(reasons.values())
     records = stats["lines"] - stats["blank_lines"]
     file_level = len(file_rejects)
-    if stats["traces"] + rejected - file_level != records:  # every line ends in exactly one place
-        raise RuntimeError(f"accounting broken: {records} lines != {stats['traces']} traces + {rejected - file_level} rejects")
+    # every line ends in exactly one place: a trace of its own, a session's trace (merged), or a reject
+    if stats["traces"] + stats["merged_lines"] + rejected - file_level != records:
+        raise RuntimeError(f"accounting broken: {records} lines != {stats['traces']} traces + {stats['merged_lines']} "
+                           f"merged + {rejected - file_level} rejects")
     return {
         "files": stats["files"], "lines": stats["lines"], "blank_lines": stats["blank_lines"], "records": records,
         "traces": stats["traces"], "trainable": stats["trainable"], "rejected": rejected,
         "rejects_by_reason": dict(sorted(reasons.items())), "ineligible_by_reason": dict(sorted(ineligible.items())),
         "redactions_by_detector": dict(sorted(detectors.items())), "redactions": sum(detectors.values()),
         "traces_with_redactions": traces_with_redactions, "traces_by_bucket": dict(sorted(by_bucket.items())),
+        "session_lines_merged": stats["merged_lines"], "omitted_by_kind": dict(sorted(omitted_kinds.items())),
         "key_fingerprint": KeyedHasher(key).fingerprint(),
     }
 
@@ -532,7 +584,8 @@ def main(argv: list[str] | None = None) -> None:
     with atomic_dir(args.out) as tmp:
         metrics = run(args.raw, tmp / "traces.jsonl", tmp / "rejects.jsonl", params, key)
     write_json(args.metrics, metrics)
-    print(f"redact: {metrics['records']} records -> {metrics['traces']} traces ({metrics['trainable']} trainable), "
+    merged = f" ({metrics['session_lines_merged']} of them session events)" if metrics["session_lines_merged"] else ""
+    print(f"redact: {metrics['records']} records{merged} -> {metrics['traces']} traces ({metrics['trainable']} trainable), "
           f"{metrics['rejected']} rejected, {metrics['redactions']} redactions in {metrics['traces_with_redactions']} traces")
 
 

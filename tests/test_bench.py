@@ -15,7 +15,7 @@ FIGURES = ("traces_per_s", "mb_per_s", "peak_rss_mb")
 
 def test_corpus_is_seeded_streamed_and_in_every_accepted_shape(tmp_path):
     from bench.corpus import SHAPES, generate
-    from stages.readers import ParseError, normalize, parse_line
+    from stages.readers import SESSION_FORMATS, ParseError, normalize, parse_line, session_traces, sniff_file
 
     a = generate(tmp_path / "a", 400, seed=3)
     b = generate(tmp_path / "b", 400, seed=3)
@@ -25,12 +25,20 @@ def test_corpus_is_seeded_streamed_and_in_every_accepted_shape(tmp_path):
     assert {rel.split("/")[0] for rel in a["files"]} == {"approved-runs", "traces", "synthetic", "adversarial"}
     formats, bad = set(), 0
     for rel in a["files"]:
-        for line in (tmp_path / "a" / rel).read_bytes().splitlines():
+        lines = (tmp_path / "a" / rel).read_bytes().splitlines()
+        fmt = sniff_file(tmp_path / "a" / rel)
+        if fmt in SESSION_FORMATS:  # a session file: one trace of several event lines
+            ((_, rec, took),) = session_traces(fmt, [(n, parse_line(l)) for n, l in enumerate(lines, 1)])
+            assert took == len(lines) and rec["messages"][-1]["role"] == "assistant"
+            formats.add(rec["format"])
+            continue
+        for line in lines:
             try:
                 formats.add(normalize(parse_line(line))["format"])
             except ParseError:
                 bad += 1
-    assert formats >= {"approved_run", "openai", "openclaw_messages", "openclaw_conversation", "openclaw_pair", "sharegpt"}
+    assert formats >= {"approved_run", "openai", "openclaw_messages", "openclaw_conversation", "openclaw_pair", "sharegpt",
+                       "anthropic", "claude_code", "codex"}
     assert bad == a["malformed"]
     assert sum(a["by_shape"].values()) == 400 and set(a["by_shape"]) == set(SHAPES)
     assert 0 < a["secrets"] < 60 and 500 < a["mean_bytes"] < 3000
@@ -68,7 +76,8 @@ def test_smoke_run_writes_results_with_the_agreed_structure(tmp_path):
         for k in FIGURES:
             assert res[ref][k] > 0, (ref, k)
     assert res["pipeline"]["traces_per_s"] > 0 and res["pipeline"]["speedup_vs_openclaw"] > 0
-    assert res["stages"]["redact"]["counts"]["records"] == 300
+    counts = res["stages"]["redact"]["counts"]  # a session file is one trace of several lines
+    assert counts["traces"] + counts["rejected"] == 300 and counts["records"] > 300
     assert res["near_dedup"].get("rows", 0) > 0 or "skipped" in res["near_dedup"]
     assert res["extras"]["noop_repro"] == {"skipped": "--no-extras"}
     # Bulky reference outputs are not left behind; the stage outputs are, for inspection.

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from stages.readers import normalize, session_traces
+
 ROOT = Path(__file__).resolve().parents[1]
 SNAPSHOT = ROOT / "examples" / "snapshot"
 
@@ -33,8 +35,15 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 
 def _records(root: Path) -> dict[str, list[dict]]:
-    return {rel: [json.loads(line) for line in data.decode("utf-8").splitlines()]
-            for rel, data in _tree(root).items()}
+    """Records per file; a session file (Claude Code, Codex) is one record: the canonical trace its reader makes."""
+    out = {}
+    for rel, data in _tree(root).items():
+        lines = [json.loads(line) for line in data.decode("utf-8").splitlines()]
+        if rel.startswith(gen.SESSION_DIRS):
+            fmt = "claude_code" if rel.startswith("traces/claude-code/") else "codex"
+            lines = [r for _, r, _ in session_traces(fmt, list(enumerate(lines, 1)))]
+        out[rel] = lines
+    return out
 
 
 def _view(rec: dict) -> dict:
@@ -50,6 +59,8 @@ def _view(rec: dict) -> dict:
         v["input"] = next(t["value"] for t in turns if t["from"] == "human")
         v["answer"] = [t["value"] for t in turns if t["from"] == "gpt"][-1]
         v["tool_text"] = [t["value"] for t in turns if t["from"] in ("function_call", "observation")]
+    elif rec.get("format") in ("claude_code", "codex") or "system" in rec and "messages" in rec:
+        return _canonical_view(v, rec if "format" in rec else normalize(rec))
     else:
         msgs = rec.get("messages") or rec.get("conversation")
         v["input"] = next(m["content"] for m in msgs if m["role"] == "user")
@@ -58,6 +69,23 @@ def _view(rec: dict) -> dict:
             v["tool_text"] += [c["function"]["arguments"] for c in m.get("tool_calls") or ()]
             if m["role"] == "tool":
                 v["tool_text"].append(m["content"])
+    return v
+
+
+def _canonical_view(v: dict, rec: dict) -> dict:
+    """A session or Anthropic record, through its reader: the last user text is the input; a final tool call is
+    the answer as its arguments' JSON (so the cue and vocabulary checks read its fields)."""
+    msgs = rec["messages"]
+    v["input"] = [m["content"] for m in msgs if m["role"] == "user" and m["content"]][-1]
+    last = msgs[-1]
+    if last.get("tool_calls"):
+        v["answer"], v["tool_answer"] = last["tool_calls"][-1]["function"]["arguments"], True
+    else:
+        v["answer"] = last["content"]
+    for m in msgs[:-1]:
+        v["tool_text"] += [c["function"]["arguments"] for c in m.get("tool_calls") or ()]
+        if m["role"] == "tool":
+            v["tool_text"].append(m["content"])
     return v
 
 
@@ -97,7 +125,7 @@ def test_another_seed_gives_other_data(fresh, tmp_path):
 
 def test_file_format(fresh):
     for rel, data in _tree(fresh).items():
-        assert rel in gen.FILES and rel.endswith(".jsonl")
+        assert (rel in gen.FILES or rel.startswith(gen.SESSION_DIRS)) and rel.endswith(".jsonl")
         text = data.decode("utf-8")
         assert text.endswith("\n") and "\r" not in text
         for line in text.splitlines():
@@ -112,8 +140,12 @@ def test_totals_domains_workflows(records):
     assert len(records["approved-runs/runs-2026-11.jsonl"]) >= 400
     assert sum(len(v) for k, v in records.items() if k.startswith("traces/")) >= 350
     assert len({r["domain"] for _, r in allrecs}) >= 3
-    wfs = Counter(r["workflow"] for _, r in allrecs)
+    wfs = Counter(r["workflow"] for _, r in allrecs if r["workflow"] in gen.WORKFLOWS)
     assert len(wfs) >= 5 and min(wfs.values()) >= 100
+    # agent sessions and tool-call transcripts, in the shapes their tools write them
+    assert len([r for r in records if r.startswith("traces/claude-code/")]) == gen.COUNTS["claude_code"]
+    assert len([r for r in records if r.startswith("traces/codex/")]) == gen.COUNTS["codex"]
+    assert len(records["traces/anthropic-tooluse.jsonl"]) >= gen.COUNTS["anthropic"]
 
 
 def test_approved_runs_have_every_contract_field(records):
@@ -188,7 +220,7 @@ def test_synthetic_and_adversarial(records):
 
 def test_intentional_duplicates(records):
     for rel, recs in records.items():
-        if rel.startswith(("synthetic/", "adversarial/")):
+        if rel.startswith(("synthetic/", "adversarial/") + gen.SESSION_DIRS):  # a session file is one session
             continue
         pairs = Counter((_view(r)["input"], _view(r)["answer"]) for r in recs)
         assert sum(c - 1 for c in pairs.values()) >= 1, rel
@@ -240,6 +272,8 @@ def test_answers_follow_surface_cues(records):
             continue
         text, labels = v["input"].lower(), _labels(v["workflow"], v["answer"])
         for field, table in gen.CUES[v["workflow"]].items():
+            if v.get("tool_answer") and field not in labels:
+                continue  # a tool call's arguments carry some of the fields
             got = labels.get(field)
             hits = {lab for lab, pats in table.items() if any(re.search(p, text) for p in pats)}
             if got in table:
@@ -303,7 +337,7 @@ def _near_pairs(records, lo: float) -> list[tuple[float, str, str]]:
 def test_near_duplicates_are_only_the_planted_ones(records):
     """Word 5-gram Jaccard: the planted near copies sit >= 0.9; nothing else comes near 0.8."""
     planted_near = sum(max(1, round(gen.COUNTS[k] * 0.02)) for k in
-                       ("approved_runs", "messages", "conversation", "pairs", "sharegpt", "openai"))
+                       ("approved_runs", "messages", "conversation", "pairs", "sharegpt", "openai", "anthropic"))
     pairs = _near_pairs(records, 0.8)
     assert sum(j >= 0.9 for j, _, _ in pairs) == planted_near
     assert len(pairs) == planted_near, [p for p in pairs if p[0] < 0.9][:3]
