@@ -24,7 +24,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["BATCH_SEP", "DETECTORS", "PLACEHOLDER_RE", "Finding", "Placeholders", "Redactor"]
+__all__ = ["BATCH_SEP", "DETECTORS", "PLACEHOLDER_RE", "Finding", "Placeholders", "Redactor", "merge_findings",
+           "structural_secrets"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,7 @@ class Finding:
 # detector -> placeholder kind. The order is also the priority when findings overlap: specific
 # formats first, then context-based, then generic shapes.
 _KINDS = {
+    "canary": "SECRET",  # a team's declared must-never-appear string (params redact.canaries)
     "private_key": "PRIVATE_KEY",
     "jwt": "JWT",
     "url_password": "PASSWORD",
@@ -65,6 +67,10 @@ _KINDS = {
     "aws_secret_key": "AWS_SECRET",
     "secret_assignment": "SECRET",  # refined by the key name: PASSWORD, API_KEY, TOKEN, SECRET
     "bearer_token": "TOKEN",
+    "auth_header": "TOKEN",  # Authorization with any scheme (Basic, Bot, OAuth, Token, Digest)
+    "cookie": "COOKIE",
+    "signed_url": "SIGNATURE",
+    "password_cli": "PASSWORD",  # mysql -pX, sshpass -p X, htpasswd -b u X, curl -u u:X, .netrc, <password>
     "credit_card": "CREDIT_CARD",
     "iban": "IBAN",
     "ssn": "SSN",
@@ -271,6 +277,12 @@ _KEY_WORDS_B = frozenset(w.encode() for w in _KEY_WORDS)
 _KEY_PREFIXES = {"api": "API_KEY", "access": "SECRET", "private": "SECRET", "signing": "SECRET",
                  "encryption": "SECRET", "master": "SECRET"}
 _KEY_PREFIX_SIZES = sorted({len(p) for p in _KEY_PREFIXES}, reverse=True)
+_GLUED_OK = frozenset({"password", "passwd", "passphrase", "passcode", "token", "secret", "secretkey", "key",
+                       "credentials"})
+# Header names whose whole value is a credential, as JSON keys: header -> detector.
+_HEADER_KEYS = {"authorization": "auth_header", "proxy-authorization": "auth_header", "cookie": "cookie",
+                "set-cookie": "cookie", "x-amz-security-token": "auth_header", "x-goog-signature": "signed_url",
+                "x-amz-signature": "signed_url"}
 
 _ASSIGN = re.compile(
     r"""(?:\\?["'])?\]?[ \t]*(?:=>|:=|[:=])[ \t]*(?:
@@ -314,12 +326,23 @@ def _key_kind(key: str, r: int) -> tuple[str | None, bool]:
     # The word must start a component: `db_password`, `dbPassword`, `--password`; not `bypass`.
     if j == 0 or k[j - 1] in "_-" or (key[j].isupper() and not key[j - 1].isupper()):
         return kind, True
+    # A glued name of one case (`PGPASSWORD`, `VAULTTOKEN`, `XAPIKEY`, `csrftoken`): only strong words,
+    # never `pass`/`pwd`/`auth` (`bypass`, `OLDPWD`, `oauth`).
+    if kind is not None and word in _GLUED_OK and (key.isupper() or key.islower()) and key[:j].isalpha():
+        return kind, True
     return None, False
+
+
+# Masks that logs and frameworks write in place of a secret (`[FILTERED]`, `<redacted>`, `***`): kept.
+_MASK_WORD = re.compile(r"[\[(<{*]*\s*(?:filtered|redacted|masked|hidden|removed|omitted|secret|password|sensitive|"
+                        r"scrubbed|censored|elided|private|x+|\*+)\s*[\])>}*]*", re.I)
 
 
 def _plausible_value(v: str, kind: str, bare: bool, nxt: str) -> bool:
     """False for values that are clearly not a literal secret: refs, masks, code, plain words."""
     if not v or v[0] in "$%{<#@" or PLACEHOLDER_RE.fullmatch(v) or set(v) <= _MASK:
+        return False
+    if v[0] in "[(*" and _MASK_WORD.fullmatch(v):
         return False
     lv = v.lower()
     if lv in _NULLISH or "environ" in lv or "getenv" in lv or "process.env" in lv:
@@ -433,6 +456,16 @@ def _after_nul(low: bytes, lo: int, i: int) -> int:
     return lo if z < 0 else z + 1
 
 
+_DOC_DOMAINS = ("example.com", "example.org", "example.net")
+_DOC_TLDS = ("example", "test", "invalid", "localhost")
+
+
+def _doc_domain(domain: str) -> bool:
+    """RFC 2606 / 6761 names reserved for documentation and tests: no one's mailbox can be there."""
+    d = domain.lower()
+    return d in _DOC_DOMAINS or d.endswith(tuple("." + x for x in _DOC_DOMAINS)) or d.rsplit(".", 1)[-1] in _DOC_TLDS
+
+
 def _in_url_userinfo(text: str, ls: int) -> bool:
     """True when `text[ls:]` starts the password of `scheme://user:PASSWORD@host`."""
     if ls == 0 or text[ls - 1] != ":":
@@ -459,11 +492,15 @@ class Redactor:
         entropy_threshold: float = 3.5,
         entropy_min_len: int = 20,
         disabled: frozenset[str] = frozenset(),
+        keep_documentation_emails: bool = True,
+        names: bool = False,
     ) -> None:
         unknown = sorted(set(disabled) - set(DETECTORS))
         if unknown:
             raise ValueError(f"unknown detector(s) in disabled: {', '.join(unknown)} (known: {', '.join(DETECTORS)})")
         self.ip_public_only = ip_public_only
+        self.keep_documentation_emails = keep_documentation_emails
+        self.names = names
         self.entropy_threshold = entropy_threshold
         self.entropy_min_len = entropy_min_len
         self._on = frozenset(DETECTORS) - frozenset(disabled)
@@ -475,9 +512,17 @@ class Redactor:
         """(detector, kind) when a JSON object's `key` names a secret and its string `value` plausibly is
         one: the `password=...` rule across the JSON structure, for `{"password": "..."}` in tool-call
         arguments and metadata, where key and value are two strings and no scan of either sees both."""
-        if "secret_assignment" not in self._on or len(key) > 64 or not value:
+        if len(key) > 64 or not value:
             return None
         stem = key.lower().rstrip("0123456789_-")
+        header = _HEADER_KEYS.get(stem.replace("_", "-"))
+        if header is not None:  # `{"Authorization": "Basic ..."}`, `{"Cookie": "sid=..."}` (HAR, fetch args)
+            if header in self._on and len(value) >= 6 and _plausible_value(value, "TOKEN", False, "") and (
+                    header == "cookie" or _looks_random(value.rsplit(" ", 1)[-1])):
+                return header, _KINDS[header]
+            return None
+        if "secret_assignment" not in self._on:
+            return None
         for word in sorted((w for w in _KEY_WORDS if stem.endswith(w)), key=len, reverse=True):
             kind, context = _key_kind(key, len(stem) - len(word))
             if not context:
@@ -534,6 +579,7 @@ class Redactor:
         out = list(texts)
         if not found:
             return out
+        found = merge_findings(found)  # callers may add findings of their own (keyed values, canaries)
         starts, pos = [], 0
         for t in texts:
             starts.append(pos)
@@ -576,6 +622,8 @@ class Redactor:
 
     @staticmethod
     def _apply(text: str, found: list[Finding], table: Placeholders) -> str:
+        """`found` must be sorted and non-overlapping (merge_findings): a finding that starts before
+        the previous one ended would copy text twice and keep the raw value."""
         parts, pos = [], 0
         for f in found:
             value = text[f.start : f.end]
@@ -744,7 +792,8 @@ class Redactor:
                             ls += 1
                         local = text[ls:at]
                         # `git@github.com:org/repo` is a service account, and user:pass@host is a URL.
-                        if ls < at and local != "git" and not _in_url_userinfo(text, ls):
+                        if (ls < at and local != "git" and not _in_url_userinfo(text, ls)
+                                and not (self.keep_documentation_emails and _doc_domain(dom.group()))):
                             self._add(out, ls, dom.end(), "email")
             at = text.find("@", at + 1)
 
@@ -901,17 +950,76 @@ class Redactor:
 
     @staticmethod
     def _resolve(cands: list[_Cand]) -> list[Finding]:
-        """Merge overlapping candidates; the merged span takes the highest-priority detector's kind."""
-        if not cands:
-            return []
-        cands.sort()
-        merged: list[list] = []
-        for s, e, det, kind in cands:
-            if merged and s < merged[-1][1]:
-                last = merged[-1]
-                last[1] = max(last[1], e)
-                if _PRIO[det] < _PRIO[last[2]]:
-                    last[2], last[3] = det, kind
-            else:
-                merged.append([s, e, det, kind])
-        return [Finding(det, kind, s, e) for s, e, det, kind in merged]
+        return _merge(cands)
+
+
+def merge_findings(found: Sequence[Finding]) -> list[Finding]:
+    """Findings from several sources (scan, keyed values, canaries) as sorted, non-overlapping spans.
+
+    Overlapping or touching-inside spans merge into their union, which takes the kind of the
+    highest-priority detector, so a value is never half-replaced and no raw char survives."""
+    return _merge([(f.start, f.end, f.detector, f.kind) for f in found])
+
+
+def _merge(cands: list[_Cand]) -> list[Finding]:
+    """Merge overlapping candidates; the merged span takes the highest-priority detector's kind."""
+    if not cands:
+        return []
+    cands.sort()
+    merged: list[list] = []
+    for s, e, det, kind in cands:
+        if merged and s < merged[-1][1]:
+            last = merged[-1]
+            last[1] = max(last[1], e)
+            if _PRIO[det] < _PRIO[last[2]]:
+                last[2], last[3] = det, kind
+        else:
+            merged.append([s, e, det, kind])
+    return [Finding(det, kind, s, e) for s, e, det, kind in merged]
+
+
+# --------------------------------------------------------------------------- structure
+
+# A field that names a value held by a sibling field: `{"name": "DB_PASSWORD", "value": "..."}`.
+_NAME_FIELDS = ("name", "key", "header", "variable", "env", "field", "param", "label", "Name", "Key")
+_VALUE_FIELDS = ("value", "Value", "val", "default", "secret", "data", "stringValue", "string_value")
+# Tool-schema members whose strings are sample values of the property that holds them.
+_SCHEMA_FIELDS = ("default", "example", "examples", "const", "enum")
+
+
+def structural_secrets(obj: object, redactor: "Redactor") -> list[tuple[str, str, str]]:
+    """(value, detector, kind) for secrets whose name is not their own key: a sibling name field
+    (env lists, k8s env, HAR headers) or the schema property that holds a `default`/`example`.
+    Also the plain `"password": "..."` members, so that the leaks stage can re-derive every keyed
+    value from an artifact's structure (any such value that is not a placeholder is a leak)."""
+    out: list[tuple[str, str, str]] = []
+    _walk(obj, redactor, out)
+    return out
+
+
+def _walk(obj: object, r: "Redactor", out: list) -> None:
+    if isinstance(obj, list):
+        for v in obj:
+            if not isinstance(v, str):
+                _walk(v, r, out)
+        return
+    if not isinstance(obj, dict):
+        return
+    name = next((obj[f] for f in _NAME_FIELDS if isinstance(obj.get(f), str)), None)
+    if name is not None and len(name) <= 64:
+        for f in _VALUE_FIELDS:
+            v = obj.get(f)
+            if isinstance(v, str) and f != "key" and (hit := r.key_value(name, v)):
+                out.append((v, *hit))
+    for k, v in obj.items():
+        if isinstance(v, str):
+            if (hit := r.key_value(k, v)) is not None:
+                out.append((v, *hit))
+            continue
+        if isinstance(v, dict):
+            for f in _SCHEMA_FIELDS:
+                sv = v.get(f)
+                for s in (sv if isinstance(sv, list) else [sv]):
+                    if isinstance(s, str) and (hit := r.key_value(k, s)):
+                        out.append((s, *hit))
+        _walk(v, r, out)
