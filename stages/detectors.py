@@ -24,6 +24,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from stages import families
+
 __all__ = ["BATCH_SEP", "DETECTORS", "PLACEHOLDER_RE", "Finding", "Placeholders", "Redactor", "merge_findings",
            "structural_secrets"]
 
@@ -64,6 +66,8 @@ _KINDS = {
     "ds_square_oauth": "SQUARE_SECRET",
     "ds_telegram": "TELEGRAM_TOKEN",
     "ds_twilio": "TWILIO_KEY",
+    "provider_token": "TOKEN",  # stages/rules/providers.json, loaded as data
+    "webhook": "WEBHOOK",
     "aws_secret_key": "AWS_SECRET",
     "secret_assignment": "SECRET",  # refined by the key name: PASSWORD, API_KEY, TOKEN, SECRET
     "bearer_token": "TOKEN",
@@ -75,10 +79,15 @@ _KINDS = {
     "iban": "IBAN",
     "ssn": "SSN",
     "phone": "PHONE",
+    "dob": "DOB",
+    "passport": "PASSPORT",
+    "mac_address": "MAC",
+    "geo": "LOCATION",
     "ipv6": "IP",
     "ipv4": "IP",
     "home_path": "HOME",
     "entropy": "SECRET",
+    "encoded": "SECRET",  # a base64 or %XX run whose decoded text holds a finding (takes that finding's kind)
 }
 DETECTORS: tuple[str, ...] = tuple(_KINDS)
 _PRIO = {name: i for i, name in enumerate(DETECTORS)}
@@ -537,7 +546,23 @@ class Redactor:
         return None
 
     def scan(self, text: str) -> list[Finding]:
-        """Non-overlapping findings, sorted by start."""
+        """Non-overlapping findings, sorted by start: the text as written, then where normalising
+        (NFKC, zero-width chars, homoglyphs) or decoding (base64, %XX) shows more, mapped back so
+        that the encoded original is what gets replaced."""
+        out = self._scan(text)
+        n = len(text)
+        if n >= 16 and not text.isascii():
+            for folded, idx in families.fold_windows(text):
+                for s, e, det, kind in self._scan(folded):
+                    out.append((idx[s], idx[e - 1] + 1, det, kind))
+        if n >= 16 and "encoded" in self._on:
+            for s, e, dec in families.encoded_runs(text, text.encode("latin-1", "replace").translate(_TOK_T)):
+                inner = self._resolve(self._scan(dec))
+                if inner:
+                    out.append((s, e, "encoded", inner[0].kind))
+        return self._resolve(out)
+
+    def _scan(self, text: str) -> list[_Cand]:
         n = len(text)
         if n < 20 and (n < 2 or text.isalpha() or not _SHORT_HINT.search(text.lower())):
             return []  # too short for any token run; this is most of a trace's strings (keys, roles)
@@ -556,7 +581,26 @@ class Redactor:
         self._keywords(text, raw, low, run, out)
         if "home_path" in self._on:
             self._homes(text, low, out)
-        return self._resolve(out)
+        self._more(text, raw, low, out)
+        return out
+
+    def _more(self, text: str, raw: bytes, low: bytes, out: list[_Cand]) -> None:
+        """The families of stages/families.py, each behind its own literal gate."""
+        def add(start: int, end: int, det: str, kind: str | None = None) -> None:
+            # A family's value pattern may also match our own placeholder on a rescan: never a finding.
+            if not (text.startswith("<", start) and PLACEHOLDER_RE.fullmatch(text, start, end)):
+                self._add(out, start, end, det, kind)
+
+        families.providers(text, raw, low, add)
+        if b"authorization" in low:
+            families.authorization(text, low, add)
+        if b"cookie" in low or b"curl" in low:
+            families.cookies(text, low, add)
+        if "?" in text:
+            families.query_secrets(text, add)
+        families.webhooks(text, low, add)
+        families.password_syntax(text, low, add)
+        families.pii(text, low, add)
 
     def redact_many(self, texts: Sequence[str], table: Placeholders) -> list[str]:
         """`[redact(t, table) for t in texts]` (after reserving all of them), with one scan per batch.
@@ -718,6 +762,7 @@ class Redactor:
                 for mm in _SSN.finditer(text, s, stop):
                     self._add(out, mm.start(), mm.end(), "ssn")
             if digits >= 9 and "phone" in on:
+                before = len(out)
                 if digits >= 10 and any(shape.find(t, s, e) >= 0 for t in (b"0-0000", b"0.0000", b"0 0000")):
                     for mm in _PHONE_US.finditer(text, s, stop):
                         self._add(out, mm.start(), mm.end(), "phone")
@@ -725,6 +770,8 @@ class Redactor:
                     for mm in _PHONE_INTL.finditer(text, s, stop):
                         if 9 <= sum(c.isdigit() for c in mm.group()) <= 15:
                             self._add(out, mm.start(), mm.end(), "phone")
+                if len(out) == before and digits <= 13 and dots < 2:
+                    families.national_phone(text, s, e, functools.partial(self._add, out))  # digits only
             if digits >= 13 and "credit_card" in on:
                 for mm in _CARD.finditer(text, s, stop):
                     if _card_ok(mm.group()):
@@ -743,6 +790,8 @@ class Redactor:
                 h = shape.find(b"AA00", h + 1)
         if "ipv6" in on and ":" in text:
             self._ipv6(text, out)
+        if "geo" in on and b"0.0000" in shape:
+            families.latlon(text, shape, functools.partial(self._add, out))
 
     def _ipv6(self, text: str, out: list[_Cand]) -> None:
         n, pos = len(text), 0

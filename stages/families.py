@@ -1,0 +1,423 @@
+"""More detector families for stages/detectors.py (issue 10): the secrets and PII real agent traces
+carry beyond vendor tokens and `key=value`.
+
+Same speed rule as detectors.py: nothing scans a whole text with a pattern that starts with a
+character class. Each family starts from a literal `find` on the lower-cased bytes (`cookie`,
+`sshpass`, `passport`, ` dot `...) or from the digit spans detectors.py already located, and runs its
+exact pattern only there, bounded to the line. Findings are (start, end, detector[, kind]) added
+through the Redactor's `_add`, so disabled detectors and the overlap merge work as for the others.
+
+Provider tokens with no pattern in detectors.py come from a rule file loaded as data
+(stages/rules/providers.json: id, literal keywords, regex), each gated on its keywords.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import json
+import re
+import unicodedata
+from pathlib import Path
+from typing import Callable
+
+Add = Callable[..., None]  # Redactor._add bound to an output list: add(start, end, detector, kind=None)
+
+RULES_FILE = Path(__file__).with_name("rules") / "providers.json"
+
+
+# --------------------------------------------------------------------------- provider rules (data)
+
+@functools.lru_cache(maxsize=1)
+def provider_rules() -> tuple[dict, list[tuple[str, tuple[bytes, ...], bool, re.Pattern]]]:
+    """(the file's header, [(rule id, keywords, case-sensitive, compiled regex)]). A rule's regex is
+    matched at each occurrence of a keyword; group 1 is the secret."""
+    doc = json.loads(RULES_FILE.read_text(encoding="utf-8"))
+    rules = []
+    for r in doc["rules"]:
+        case = bool(r.get("case"))
+        kws = tuple((k if case else k.lower()).encode() for k in r["keywords"])
+        rules.append((r["id"], kws, case, re.compile(r["regex"])))
+    return {k: v for k, v in doc.items() if k != "rules"}, rules
+
+
+def providers(text: str, raw: bytes, low: bytes, add: Add) -> None:
+    for _rid, kws, case, rx in provider_rules()[1]:
+        hay = raw if case else low
+        for k in kws:
+            i = hay.find(k)
+            while i >= 0:
+                m = rx.match(text, i)
+                if m:
+                    add(*m.span(1), "provider_token")
+                    i = hay.find(k, m.end())
+                else:
+                    i = hay.find(k, i + 1)
+
+
+# --------------------------------------------------------------------------- auth, cookies, URLs
+
+_LINE_END = re.compile(r"[\r\n\x00]")
+
+
+def _line(text: str, i: int) -> tuple[int, int]:
+    s = max(text.rfind("\n", 0, i) + 1, i - 4096)
+    m = _LINE_END.search(text, i, i + 4096)
+    return s, (m.start() if m else min(len(text), i + 4096))
+
+
+_COOKIE_ATTRS = frozenset("path domain expires max-age samesite httponly secure priority partitioned version comment".split())
+_COOKIE_HEAD = re.compile(r"(?:set-)?cookie[\"']?[ \t]*[:=][ \t]*[\"']?|cookie[ \t]+", re.I)
+_CURL_B = re.compile(r"(?:^|[ \t])(?:-b|--cookie)[ \t]+[\"']?", re.M)
+_PAIR = re.compile(r"[ \t]*([A-Za-z0-9_.\-$!#%&'*+^`|~]{1,128})=([^;\"'\r\n\\ ]{4,4096})")
+
+
+def cookies(text: str, low: bytes, add: Add) -> None:
+    """`Cookie: a=b; c=d`, `Set-Cookie: sid=...; Path=/`, `curl -b 'sid=...'`: every cookie value."""
+    i = low.find(b"cookie")
+    while i >= 0:
+        m = _COOKIE_HEAD.match(text, i)
+        if m and not (i and text[i - 1].isalnum() and text[i - 4:i].lower() != "set-"):
+            _pairs(text, m.end(), add)
+        i = low.find(b"cookie", i + 6)
+    if b"curl" in low:
+        for m in _CURL_B.finditer(text):
+            _pairs(text, m.end(), add)
+
+
+def _pairs(text: str, pos: int, add: Add) -> None:
+    _, end = _line(text, pos)
+    while pos < end:
+        m = _PAIR.match(text, pos, end)
+        if not m:
+            return
+        if m.group(1).lower() not in _COOKIE_ATTRS:
+            add(m.start(2), m.end(2), "cookie")
+        pos = m.end()
+        if pos < end and text[pos] == ";":
+            pos += 1
+        else:
+            return
+
+
+_AUTH_ANY = re.compile(r"""["']?[ \t]*[:=][ \t]*["']?([A-Za-z][A-Za-z0-9\-]{1,20})[ \t]+([^\r\n"'\\]{6,2048})""")
+
+
+def authorization(text: str, low: bytes, add: Add) -> None:
+    """`Authorization: <scheme> <credentials>` for any scheme but Bearer/Basic (detectors.py's
+    bearer_token has those): Bot, OAuth, Token, Digest, AWS4-HMAC-SHA256, SharedKey..."""
+    i = low.find(b"authorization")
+    while i >= 0:
+        m = _AUTH_ANY.match(text, i + 13)
+        if m and m.group(1).lower() not in ("bearer", "basic"):
+            cred = m.group(2).rstrip()
+            if any(c.isdigit() for c in cred) and len(cred) >= 8 and not cred.startswith(("$", "<", "{")):
+                add(m.start(2), m.start(2) + len(cred), "auth_header")
+        i = low.find(b"authorization", i + 13)
+
+
+# Query parameters that carry a credential in a URL (signed URLs, SAS tokens, OAuth redirects).
+_QS = re.compile(
+    r"[?&;]((?:x-(?:amz|goog|ms)-)?(?:sig|signature|credential|security-token|sv|se|skoid|sktid|skv|code|"
+    r"access_token|id_token|refresh_token|token|api_key|apikey|api-key|key|secret|client_secret|auth|"
+    r"session|sessionid|sid|password|pwd|pass))=([^&\s\"'#<>\\)\]]{6,4096})", re.I)
+_QS_SIGNED = frozenset({"sig", "signature", "x-amz-signature", "x-goog-signature", "x-amz-credential",
+                        "x-goog-credential", "x-amz-security-token", "credential", "security-token"})
+_QS_SKIP = frozenset({"sv", "se", "skoid", "sktid", "skv"})  # SAS fields that are versions and dates
+
+
+def query_secrets(text: str, add: Add) -> None:
+    q = text.find("?")
+    while q >= 0:
+        _, end = _line(text, q)
+        stop = q
+        while stop < end and not text[stop].isspace() and text[stop] not in "\"'<>":
+            stop += 1
+        for m in _QS.finditer(text, q, stop):
+            name = m.group(1).lower()
+            if name in _QS_SKIP:
+                continue
+            v = m.group(2)
+            if v.lower() in ("true", "false", "null", "none") or v.startswith(("$", "{", "<")):
+                continue
+            add(m.start(2), m.end(2), "signed_url" if name in _QS_SIGNED else "secret_assignment",
+                "SIGNATURE" if name in _QS_SIGNED else "TOKEN")
+        q = text.find("?", max(stop, q + 1))
+
+
+_HOOK = re.compile(r"(?:discord(?:app)?\.com/api/webhooks|webhook\.office\.com/webhookb2|"
+                   r"outlook\.office\.com/webhook|chat\.googleapis\.com/v1/spaces)/([A-Za-z0-9@/_\-.?=&%]{16,512})", re.A)
+
+
+def webhooks(text: str, low: bytes, add: Add) -> None:
+    if b"webhook" in low or b"chat.googleapis" in low:
+        for m in _HOOK.finditer(text):
+            add(m.start(1), m.end(1), "webhook")
+
+
+# --------------------------------------------------------------------------- password syntax
+
+_MYSQL = re.compile(r"(?:^|[\s;&|(`])(?:mysql|mysqldump|mysqladmin|mysqlsh|mariadb|mariadb-dump|mysqlimport)\b[^\r\n|;&]{0,256}?[ \t]-p([^\s'\"]{2,256}|'[^'\r\n]{1,256}'|\"[^\"\r\n]{1,256}\")")
+_SSHPASS = re.compile(r"sshpass[ \t]+(?:-[a-oq-zA-Z][ \t]+\S+[ \t]+)*-p[ \t]*('[^'\r\n]{1,256}'|\"[^\"\r\n]{1,256}\"|[^\s'\"]{1,256})")
+_HTPASSWD = re.compile(r"htpasswd[ \t]+-[a-zA-Z]*b[a-zA-Z]*(?:[ \t]+-[a-zA-Z]+)*[ \t]+\S+[ \t]+\S+[ \t]+('[^'\r\n]{1,256}'|\"[^\"\r\n]{1,256}\"|[^\s'\"]{1,256})")
+_CURL_U = re.compile(r"(?:[ \t]-u[ \t]*|[ \t]--user[ \t=]+|[ \t]--proxy-user[ \t=]+)['\"]?([^\s:'\"@]{1,128}):([^\s'\"]{1,256})")
+_REDIS_A = re.compile(r"redis-cli\b[^\r\n|;&]{0,256}?[ \t](?:-a|--pass)[ \t]+('[^'\r\n]{1,256}'|\"[^\"\r\n]{1,256}\"|[^\s'\"]{1,256})")
+_NETRC = re.compile(r"\bpassword[ \t]+(\S{1,256})")
+_XML = re.compile(r"<((?:[A-Za-z_:][\w:.\-]{0,40})?(?:password|passwd|secret|token|apikey|api_key|api-key|credential)[\w:.\-]{0,20})(?:[ \t][^<>]{0,200})?>([^<\r\n]{1,512})</\1>", re.I)
+# A password in prose that runs to several words: `my password is "correct horse battery staple"`
+_PROSE_PW = re.compile(r"password(?: for [\w.@\-]{1,64})?(?: is| was| will be|:)[ \t]+(?:\"([^\"\r\n]{2,128})\"|'([^'\r\n]{2,128})'|`([^`\r\n]{2,128})`)", re.I)
+
+
+def _unquote(m: re.Match, g: int) -> tuple[int, int]:
+    s, e = m.span(g)
+    if e - s >= 2 and m.group(g)[0] in "'\"" and m.group(g)[-1] == m.group(g)[0]:
+        return s + 1, e - 1
+    return s, e
+
+
+def password_syntax(text: str, low: bytes, add: Add) -> None:
+    if b"-p" in low and (b"mysql" in low or b"mariadb" in low):
+        for m in _MYSQL.finditer(text):
+            add(*_unquote(m, 1), "password_cli")
+    if b"sshpass" in low:
+        for m in _SSHPASS.finditer(text):
+            add(*_unquote(m, 1), "password_cli")
+    if b"htpasswd" in low:
+        for m in _HTPASSWD.finditer(text):
+            add(*_unquote(m, 1), "password_cli")
+    if b"-u" in low or b"--user" in low:
+        for m in _CURL_U.finditer(text):
+            if not m.group(2).startswith(("$", "<")):
+                add(m.start(2), m.end(2), "password_cli")
+    if b"redis-cli" in low:
+        for m in _REDIS_A.finditer(text):
+            add(*_unquote(m, 1), "password_cli")
+    if b"machine " in low or b"login " in low:
+        i = low.find(b"password ")
+        while i >= 0:
+            s, _ = _line(text, i)
+            ln = low[s:i]
+            if b"machine" in ln or b"login" in ln or b"default" in ln:
+                m = _NETRC.match(text, i)
+                if m and not m.group(1).startswith(("$", "<")):
+                    add(m.start(1), m.end(1), "password_cli")
+            i = low.find(b"password ", i + 9)
+    if b"</" in low:
+        for m in _XML.finditer(text):
+            if not m.group(2).startswith(("$", "<", "{")) and m.group(2).strip("*x "):
+                add(m.start(2), m.end(2), "password_cli")
+    if b"password" in low:
+        for m in _PROSE_PW.finditer(text):
+            g = m.lastindex or 1
+            v = m.group(g)
+            if " " in v.strip() and not v.startswith(("$", "<", "{")):  # one word is secret_assignment's
+                add(m.start(g), m.end(g), "password_cli")
+
+
+# --------------------------------------------------------------------------- PII
+
+_MONTHS = r"(?:jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec)[a-z]{0,6}\.?"
+_DATE = re.compile(
+    rf"(?:\d{{4}}[-/.]\d{{1,2}}[-/.]\d{{1,2}}|\d{{1,2}}[-/.]\d{{1,2}}[-/.]\d{{2,4}}|\d{{1,2}}(?:st|nd|rd|th)?[ \t]+{_MONTHS}[ \t,]+\d{{4}}|{_MONTHS}[ \t]+\d{{1,2}}(?:st|nd|rd|th)?,?[ \t]+\d{{4}})",
+    re.I)
+_DOB_WORDS = (b"dob", b"born", b"birth", b"b-day", b"bday")
+_PASSPORT = re.compile(r"[A-Z0-9]{6,9}(?![A-Za-z0-9])")
+_SSN_PLAIN = re.compile(r"(?<!\d)(?!000|666|9)\d{3}[ ]?(?!00)\d{2}[ ]?(?!0000)\d{4}(?!\d)")
+_MAC = re.compile(r"(?<![0-9A-Fa-f:\-])[0-9A-Fa-f]{2}([:\-])(?:[0-9A-Fa-f]{2}\1){4}[0-9A-Fa-f]{2}(?![0-9A-Fa-f:\-])")
+_MAC_HINT = re.compile(r"[:\-][0-9A-Fa-f]{2}[:\-][0-9A-Fa-f]{2}[:\-]")
+_LATLON = re.compile(r"(-?\d{1,2}\.\d{4,})°?[ \t]*[NS]?[ \t]*,[ \t]*(-?\d{1,3}\.\d{4,})°?")
+_OBF_EMAIL = re.compile(
+    r"([A-Za-z0-9][A-Za-z0-9._%+\-]{0,63})[ \t]*(?:\[at\]|\(at\)|\{at\}|<at>|[ \t]at[ \t]|\[@\]|\(@\))[ \t]*"
+    r"((?:[A-Za-z0-9\-]{1,63}[ \t]*(?:\[dot\]|\(dot\)|\{dot\}|<dot>|[ \t]dot[ \t]|\.)[ \t]*){1,4}"
+    r"(?:com|org|net|io|co|uk|de|fr|edu|gov|info|biz|me|us|ca|au|in|nl|es|it|jp|ch|se|dev|app|ai))(?![A-Za-z0-9])", re.I)
+_NOT_LOCAL = frozenset("look looking the a an this that it me us them him her you we they".split())
+
+
+def pii(text: str, low: bytes, add: Add) -> None:
+    for w in _DOB_WORDS:
+        i = low.find(w)
+        while i >= 0:
+            for m in _DATE.finditer(text, i + len(w), min(len(text), i + len(w) + 40)):
+                add(m.start(), m.end(), "dob")
+                break
+            i = low.find(w, i + len(w))
+    i = low.find(b"passport")
+    while i >= 0:
+        stop = min(len(text), i + 48)
+        for m in _PASSPORT.finditer(text, i + 8, stop):
+            if any(c.isdigit() for c in m.group()):
+                add(m.start(), m.end(), "passport")
+                break
+        i = low.find(b"passport", i + 8)
+    for w in (b"ssn", b"social security", b"sozialversicherung"):
+        i = low.find(w)
+        while i >= 0:
+            m = _SSN_PLAIN.search(text, i + len(w), min(len(text), i + len(w) + 32))
+            if m:
+                add(m.start(), m.end(), "ssn")
+            i = low.find(w, i + len(w))
+    if ":" in text or "-" in text:
+        pos = 0
+        while (h := _MAC_HINT.search(text, pos)) is not None:
+            m = _MAC.search(text, max(0, h.start() - 2), min(len(text), h.start() + 15))
+            if m:
+                add(m.start(), m.end(), "mac_address")
+                pos = m.end()
+            else:
+                pos = h.start() + 1
+    if b" at " in low or b"[at]" in low or b"(at)" in low or b"{at}" in low or b"<at>" in low:
+        for m in _OBF_EMAIL.finditer(text):
+            if m.group(1).lower() in _NOT_LOCAL or "@" in m.group():
+                continue
+            dom = m.group(2).lower()
+            if "dot" not in dom and "[" not in m.group() and "(" not in m.group() and "{" not in m.group():
+                continue  # `meet at example.com` is a site, not an obfuscated address
+            add(m.start(), m.end(), "email")
+
+
+def latlon(text: str, shape: bytes, add: Add) -> None:
+    """`51.50735, -0.12776`: two decimal degrees with >= 4 decimals each, in range."""
+    h = shape.find(b"0.0000")
+    while h >= 0:
+        s = h
+        while s > 0 and text[s - 1].isdigit():
+            s -= 1
+        if s and text[s - 1] == "-":
+            s -= 1
+        m = _LATLON.match(text, s)
+        if m and abs(float(m.group(1))) <= 90 and abs(float(m.group(2))) <= 180 and (s == 0 or not text[s - 1].isalnum()):
+            add(m.start(), m.end(), "geo")
+            h = shape.find(b"0.0000", m.end())
+            continue
+        h = shape.find(b"0.0000", h + 6)
+
+
+_PHONE_WORDS = re.compile(r"phone|tel\b|tel:|mobile|cell|call|fax|whatsapp|sms|text me|ring|contact|number", re.I)
+_SSN_SHAPE = re.compile(r"\d{3}-\d{2}-\d{4}")
+_REGIONS = ("GB", "DE", "FR", "IN", "AU", "US", "IT", "ES", "NL", "BR", "JP", "IE", "CA", "MX", "ZA", "NG")
+
+
+@functools.lru_cache(maxsize=1)
+def _pn():
+    import phonenumbers  # Google's libphonenumber port: every region's numbering plan
+
+    return phonenumbers
+
+
+def national_phone(text: str, s: int, e: int, add: Add) -> None:
+    """A digit span that the US/international patterns did not take: a national-format number
+    (`07700 900123`, `030 1234567`) when libphonenumber says it is a possible number of a region and
+    either a phone word precedes it or it is written the national way (leading 0, grouped)."""
+    cand = text[s:e].strip(" .-()")
+    digits = sum(c.isdigit() for c in cand)
+    # National formats start with the trunk 0 (`07700 900123`, `030 1234567`); others are left to the
+    # US and international patterns. `00` starts an international prefix, `000-12-3456` an SSN shape.
+    if not 9 <= digits <= 13 or cand[0] != "0" or cand[1] == "0" or _SSN_SHAPE.fullmatch(cand):
+        return
+    grouped = any(c in cand for c in " -")
+    lo = max(0, s - 40)
+    if (z := text.rfind("\x00", lo, s)) >= 0:
+        lo = z + 1  # context never reaches into the previous string of a batch
+    if not grouped and not _PHONE_WORDS.search(text, lo, s):
+        return
+    pn = _pn()
+    for region in _REGIONS:
+        try:
+            num = pn.parse(cand, region)
+        except pn.NumberParseException:
+            continue
+        if pn.is_valid_number(num) or (grouped and pn.is_possible_number(num)):
+            st = text.index(cand, s)
+            add(st, st + len(cand), "phone")
+            return
+
+
+# --------------------------------------------------------------------------- encodings
+
+# Zero-width and bidi marks: dropped before scanning. NBSP, fullwidth forms and other compatibility
+# characters are folded by NFKC; Cyrillic and Greek letters that look Latin, by this table.
+_ZW = frozenset("\u200b\u200c\u200d\u200e\u200f\u2060\u2061\u2062\u2063\u2064\ufeff\u00ad\u180e")
+_HOMO = str.maketrans("аеорсхуіѕјԁһӏАВЕКМНОРСТХУІЅЈοαερτυνκΑΒΕΖΗΙΚΜΝΟΡΤΥΧ",
+                      "aeopcxyisjdhlABEKMHOPCTXYISJoaeptuvkABEZHIKMNOPTYX")
+_SUSPECT = re.compile("[\u00a0\u00ad\u200b-\u200f\u2060-\u2064\ufeff\uff01-\uff5e\u180e]|"
+                      "[A-Za-z][\u0370-\u03ff\u0400-\u04ff]|[\u0370-\u03ff\u0400-\u04ff][A-Za-z]")
+_WINDOW = 512
+
+
+def fold_windows(text: str) -> list[tuple[str, list[int]]]:
+    """(folded window, original index of each of its chars, plus the window's end) around each place
+    where zero-width chars, NBSP, fullwidth forms or Latin-looking Cyrillic/Greek letters touch the
+    text. Windows stop at a line end (so at the batch separator too): a string folds the same alone
+    or batched."""
+    if text.isascii():
+        return []
+    out, pos = [], 0
+    while (m := _SUSPECT.search(text, pos)) is not None:
+        i = m.start()
+        s = max(text.rfind("\n", max(0, i - _WINDOW), i) + 1, i - _WINDOW, 0)
+        e = text.find("\n", i, i + _WINDOW)
+        e = min(len(text), i + _WINDOW) if e < 0 else e
+        chars, idx = [], []
+        for j in range(s, e):
+            c = text[j]
+            if c in _ZW:
+                continue
+            n = c if c.isascii() else unicodedata.normalize("NFKC", c).translate(_HOMO)
+            for ch in n:
+                chars.append(ch)
+                idx.append(j)
+        idx.append(e)
+        out.append(("".join(chars), idx))
+        pos = e + 1
+    return out
+
+
+_B64_RUN = re.compile(r"[A-Za-z0-9+/_\-]{16,8192}={0,2}")
+_PCT_RUN = re.compile(r"(?:%[0-9A-Fa-f]{2}|[A-Za-z0-9._~+\-=&:/@!$'()*,;])*%[0-9A-Fa-f]{2}(?:%[0-9A-Fa-f]{2}|[A-Za-z0-9._~+\-=&:/@!$'()*,;])*")
+
+
+def b64_text(run: str) -> str | None:
+    """The text a base64 (or base64url) run decodes to, when it is printable text; else None."""
+    body = run.rstrip("=")
+    if len(body) % 4 == 1 or not (any(c.isupper() for c in body) and any(c.islower() for c in body)):
+        return None
+    pad = "=" * (-len(body) % 4)
+    try:
+        raw = (base64.urlsafe_b64decode if ("-" in body or "_" in body) else base64.b64decode)(body + pad)
+        dec = raw.decode("utf-8")
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        return None
+    if len(dec) < 8 or sum(c.isprintable() or c in "\n\t\r" for c in dec) < 0.95 * len(dec):
+        return None
+    return dec
+
+
+def encoded_runs(text: str, tok: bytes, min_len: int = 16) -> list[tuple[int, int, str]]:
+    """(start, end, decoded) for base64 runs that decode to text and `%XX` runs that hold escapes."""
+    out = []
+    pos = 0
+    needle = b"t" * min_len
+    while (s := tok.find(needle, pos)) >= 0:
+        e = tok.find(b" ", s)
+        e = len(text) if e < 0 else e
+        pos = e
+        m = _B64_RUN.match(text, s, e + 2)
+        if m and (dec := b64_text(m.group())) is not None:
+            out.append((m.start(), m.end(), dec))
+    if "%" in text:
+        from urllib.parse import unquote
+
+        i = text.find("%")
+        while i >= 0:
+            st = i
+            while st > 0 and (text[st - 1].isalnum() or text[st - 1] in "._~+-=&:/@"):
+                st -= 1
+            m = _PCT_RUN.match(text, st)
+            if m and m.end() > i:
+                dec = unquote(m.group())
+                if dec != m.group():
+                    out.append((m.start(), m.end(), dec))
+                i = text.find("%", m.end())
+            else:
+                i = text.find("%", i + 1)
+    return out
