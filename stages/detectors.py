@@ -584,22 +584,27 @@ class Redactor:
         self._more(text, raw, low, out)
         return out
 
-    def _more(self, text: str, raw: bytes, low: bytes, out: list[_Cand]) -> None:
-        """The families of stages/families.py, each behind its own literal gate."""
+    def _adder(self, text: str, out: list[_Cand]):
         def add(start: int, end: int, det: str, kind: str | None = None) -> None:
             # A family's value pattern may also match our own placeholder on a rescan: never a finding.
             if not (text.startswith("<", start) and PLACEHOLDER_RE.fullmatch(text, start, end)):
                 self._add(out, start, end, det, kind)
+        return add
 
-        families.providers(text, raw, low, add)
-        if b"authorization" in low:
-            families.authorization(text, low, add)
-        if b"cookie" in low or b"curl" in low:
+    def _more(self, text: str, raw: bytes, low: bytes, out: list[_Cand]) -> None:
+        """The families of stages/families.py that no root word or digit span leads to, each behind
+        one literal find (each costs a pass over the text, so there are few)."""
+        add = self._adder(text, out)
+        if b"cookie" in low:
             families.cookies(text, low, add)
+        if b"curl" in low or b"mysql" in low:
+            families.commands(text, low, add)
         if "?" in text:
             families.query_secrets(text, add)
-        families.webhooks(text, low, add)
-        families.password_syntax(text, low, add)
+        if "PuTTY-User-Key-File" in text:
+            families.putty(text, add)
+        if b"webhook" in low:
+            families.webhooks(text, add)
         families.pii(text, low, add)
 
     def redact_many(self, texts: Sequence[str], table: Placeholders) -> list[str]:
@@ -735,6 +740,21 @@ class Redactor:
                 if m is None and k < s - 1:
                     m = _TOKEN_AT.match(text, k)
         if m is None:
+            # Provider rules (stages/rules/providers.json) at the run's start, or at the short runs
+            # before one or two dots that lead into it (`ya29.`, `hvs.`, `dp.pt.`).
+            if "provider_token" in self._on:
+                add = functools.partial(self._add, out)
+                if not families.provider_at(text, s, add):
+                    k = s
+                    for _ in range(2):
+                        if k < 2 or text[k - 1] != ".":
+                            break
+                        j = run.rfind(b" ", max(0, k - 18), k - 1)
+                        if j < 0 and k > 18:
+                            break
+                        k = j + 1
+                        if families.provider_at(text, k, add):
+                            break
             return
         det, body = m.lastgroup, m.group()[3:]
         if det == "openai_key" and not (any(c.isdigit() for c in body) and any(c.isalpha() for c in body)):
@@ -814,6 +834,8 @@ class Redactor:
             try:
                 public = ":" in cand and _public_ip(cand)
             except ValueError:
+                if "mac_address" in self._on:
+                    families.mac_at(text, m.start(), functools.partial(self._add, out))
                 continue  # not an address: `10:00:00`, a MAC, `de:ad:be:ef`
             if public if self.ip_public_only else sum(1 for g in cand.split(":") if g) >= 2:  # `[::2]` is a slice
                 self._add(out, m.start(), m.end(), "ipv6")
@@ -870,20 +892,25 @@ class Redactor:
         n, done, tok = len(text), -1, None
         want_assign = "secret_assignment" in self._on
         want_window = "entropy" in self._on or "aws_secret_key" in self._on
+        add = None
         for i in occ:
             if i < done:
                 continue  # another root of a key already handled (`secret_key`)
             j = run.find(b" ", i, i + 64)
             ke = j if j >= 0 else min(n, i + 64)
+            if low.startswith(b"pass", i) and "password_cli" in self._on:  # sshpass, htpasswd, .netrc, <password>
+                families.pass_context(text, low, i, add := add or self._adder(text, out))
             word = low[i:ke].rstrip(b"0123456789_-")
             if word not in _KEY_WORDS_B:  # `passed`, `token_count`, `Author`: the cheap, common rejection
-                if word == b"authorization" and "bearer_token" in self._on:
-                    self._bearer(text, i, ke, _AUTH_HEADER, out)
+                if word == b"authorization":
+                    if "bearer_token" in self._on:
+                        self._bearer(text, i, ke, _AUTH_HEADER, out)
+                    families.authorization_at(text, i, add := add or self._adder(text, out))
                 continue
             lo = max(0, i - 64)
             j = run.rfind(b" ", lo, i)
             ks = j + 1 if j >= 0 else lo
-            if ks and text[ks - 1] == "<" and text.startswith(">", ke):
+            if ks and text[ks - 1] == "<" and text.startswith(">", ke) and PLACEHOLDER_RE.fullmatch(text, ks - 1, ke + 1):
                 continue  # `<API_KEY_1>` is our own placeholder, not a key name
             key = text[ks:ke]
             kind, context = _key_kind(key, i - ks)

@@ -29,30 +29,30 @@ RULES_FILE = Path(__file__).with_name("rules") / "providers.json"
 # --------------------------------------------------------------------------- provider rules (data)
 
 @functools.lru_cache(maxsize=1)
-def provider_rules() -> tuple[dict, list[tuple[str, tuple[bytes, ...], bool, re.Pattern]]]:
-    """(the file's header, [(rule id, keywords, case-sensitive, compiled regex)]). A rule's regex is
-    matched at each occurrence of a keyword; group 1 is the secret."""
+def provider_rules() -> tuple[dict, dict[str, list[tuple[str, tuple[str, ...], re.Pattern]]]]:
+    """(the file's header, {first two lower-case chars: [(rule id, prefixes, compiled regex)]})."""
     doc = json.loads(RULES_FILE.read_text(encoding="utf-8"))
-    rules = []
+    by_head: dict[str, list] = {}
     for r in doc["rules"]:
-        case = bool(r.get("case"))
-        kws = tuple((k if case else k.lower()).encode() for k in r["keywords"])
-        rules.append((r["id"], kws, case, re.compile(r["regex"])))
-    return {k: v for k, v in doc.items() if k != "rules"}, rules
+        prefixes = tuple(r["prefixes"])
+        rule = (r["id"], prefixes, re.compile(r["regex"]))
+        for head in sorted({p[:2] for p in prefixes}):
+            by_head.setdefault(head, []).append(rule)
+    return {k: v for k, v in doc.items() if k != "rules"}, by_head
 
 
-def providers(text: str, raw: bytes, low: bytes, add: Add) -> None:
-    for _rid, kws, case, rx in provider_rules()[1]:
-        hay = raw if case else low
-        for k in kws:
-            i = hay.find(k)
-            while i >= 0:
-                m = rx.match(text, i)
-                if m:
-                    add(*m.span(1), "provider_token")
-                    i = hay.find(k, m.end())
-                else:
-                    i = hay.find(k, i + 1)
+def provider_at(text: str, s: int, add: Add) -> bool:
+    """A provider token starting at `s` (the start of a token run), per the rule file."""
+    rules = provider_rules()[1].get(text[s:s + 2].lower())
+    if not rules:
+        return False
+    for _rid, prefixes, rx in rules:
+        if text[s:s + 16].lower().startswith(prefixes):
+            m = rx.match(text, s)
+            if m and (s == 0 or not text[s - 1].isalnum()):
+                add(*m.span(1), "provider_token")
+                return True
+    return False
 
 
 # --------------------------------------------------------------------------- auth, cookies, URLs
@@ -60,33 +60,29 @@ def providers(text: str, raw: bytes, low: bytes, add: Add) -> None:
 _LINE_END = re.compile(r"[\r\n\x00]")
 
 
-def _line(text: str, i: int) -> tuple[int, int]:
-    s = max(text.rfind("\n", 0, i) + 1, i - 4096)
+def _line_end(text: str, i: int) -> int:
     m = _LINE_END.search(text, i, i + 4096)
-    return s, (m.start() if m else min(len(text), i + 4096))
+    return m.start() if m else min(len(text), i + 4096)
 
 
 _COOKIE_ATTRS = frozenset("path domain expires max-age samesite httponly secure priority partitioned version comment".split())
-_COOKIE_HEAD = re.compile(r"(?:set-)?cookie[\"']?[ \t]*[:=][ \t]*[\"']?|cookie[ \t]+", re.I)
+_COOKIE_HEAD = re.compile(r"(?:set-)?cookie[\"']?[ \t]*[:=][ \t]*[\"']?|cookie[ \t]+|cookie\b[^\r\n]{0,20}?[ \t][\"']", re.I)
 _CURL_B = re.compile(r"(?:^|[ \t])(?:-b|--cookie)[ \t]+[\"']?", re.M)
 _PAIR = re.compile(r"[ \t]*([A-Za-z0-9_.\-$!#%&'*+^`|~]{1,128})=([^;\"'\r\n\\ ]{4,4096})")
 
 
 def cookies(text: str, low: bytes, add: Add) -> None:
-    """`Cookie: a=b; c=d`, `Set-Cookie: sid=...; Path=/`, `curl -b 'sid=...'`: every cookie value."""
+    """`Cookie: a=b; c=d`, `Set-Cookie: sid=...; Path=/`: every cookie value (not the attributes)."""
     i = low.find(b"cookie")
     while i >= 0:
         m = _COOKIE_HEAD.match(text, i)
-        if m and not (i and text[i - 1].isalnum() and text[i - 4:i].lower() != "set-"):
+        if m and not (i and text[i - 1].isalnum() and low[i - 4:i] != b"set-"):
             _pairs(text, m.end(), add)
         i = low.find(b"cookie", i + 6)
-    if b"curl" in low:
-        for m in _CURL_B.finditer(text):
-            _pairs(text, m.end(), add)
 
 
 def _pairs(text: str, pos: int, add: Add) -> None:
-    _, end = _line(text, pos)
+    end = _line_end(text, pos)
     while pos < end:
         m = _PAIR.match(text, pos, end)
         if not m:
@@ -103,67 +99,68 @@ def _pairs(text: str, pos: int, add: Add) -> None:
 _AUTH_ANY = re.compile(r"""["']?[ \t]*[:=][ \t]*["']?([A-Za-z][A-Za-z0-9\-]{1,20})[ \t]+([^\r\n"'\\]{6,2048})""")
 
 
-def authorization(text: str, low: bytes, add: Add) -> None:
-    """`Authorization: <scheme> <credentials>` for any scheme but Bearer/Basic (detectors.py's
-    bearer_token has those): Bot, OAuth, Token, Digest, AWS4-HMAC-SHA256, SharedKey..."""
-    i = low.find(b"authorization")
-    while i >= 0:
-        m = _AUTH_ANY.match(text, i + 13)
-        if m and m.group(1).lower() not in ("bearer", "basic"):
-            cred = m.group(2).rstrip()
-            if any(c.isdigit() for c in cred) and len(cred) >= 8 and not cred.startswith(("$", "<", "{")):
-                add(m.start(2), m.start(2) + len(cred), "auth_header")
-        i = low.find(b"authorization", i + 13)
+def authorization_at(text: str, i: int, add: Add) -> None:
+    """`Authorization: <scheme> <credentials>` for any scheme but Bearer/Basic/Token (detectors.py's
+    bearer_token has those): Bot, OAuth, Digest, SSWS, AWS4-HMAC-SHA256, SharedKey..."""
+    m = _AUTH_ANY.match(text, i + 13)
+    if m and m.group(1).lower() not in ("bearer", "basic", "token"):
+        cred = m.group(2).rstrip()
+        if any(c.isdigit() for c in cred) and len(cred) >= 8 and not cred.startswith(("$", "<", "{")):
+            add(m.start(2), m.start(2) + len(cred), "auth_header")
 
 
 # Query parameters that carry a credential in a URL (signed URLs, SAS tokens, OAuth redirects).
 _QS = re.compile(
-    r"[?&;]((?:x-(?:amz|goog|ms)-)?(?:sig|signature|credential|security-token|sv|se|skoid|sktid|skv|code|"
+    r"[?&;]((?:x-(?:amz|goog|ms)-)?(?:sig|signature|credential|security-token|code|"
     r"access_token|id_token|refresh_token|token|api_key|apikey|api-key|key|secret|client_secret|auth|"
     r"session|sessionid|sid|password|pwd|pass))=([^&\s\"'#<>\\)\]]{6,4096})", re.I)
 _QS_SIGNED = frozenset({"sig", "signature", "x-amz-signature", "x-goog-signature", "x-amz-credential",
                         "x-goog-credential", "x-amz-security-token", "credential", "security-token"})
-_QS_SKIP = frozenset({"sv", "se", "skoid", "sktid", "skv"})  # SAS fields that are versions and dates
+_URL_TAIL = re.compile(r"[^\s\"'<>]*")
 
 
 def query_secrets(text: str, add: Add) -> None:
     q = text.find("?")
     while q >= 0:
-        _, end = _line(text, q)
-        stop = q
-        while stop < end and not text[stop].isspace() and text[stop] not in "\"'<>":
-            stop += 1
-        for m in _QS.finditer(text, q, stop):
-            name = m.group(1).lower()
-            if name in _QS_SKIP:
-                continue
-            v = m.group(2)
-            if v.lower() in ("true", "false", "null", "none") or v.startswith(("$", "{", "<")):
-                continue
-            add(m.start(2), m.end(2), "signed_url" if name in _QS_SIGNED else "secret_assignment",
-                "SIGNATURE" if name in _QS_SIGNED else "TOKEN")
+        stop = _URL_TAIL.match(text, q).end()
+        if stop - q > 8 and "=" in text[q:stop]:
+            for m in _QS.finditer(text, q, stop):
+                name, v = m.group(1).lower(), m.group(2)
+                if v.lower() in ("true", "false", "null", "none") or v.startswith(("$", "{", "<")):
+                    continue
+                signed = name in _QS_SIGNED
+                add(m.start(2), m.end(2), "signed_url" if signed else "secret_assignment",
+                    "SIGNATURE" if signed else "TOKEN")
         q = text.find("?", max(stop, q + 1))
 
 
 _HOOK = re.compile(r"(?:discord(?:app)?\.com/api/webhooks|webhook\.office\.com/webhookb2|"
-                   r"outlook\.office\.com/webhook|chat\.googleapis\.com/v1/spaces)/([A-Za-z0-9@/_\-.?=&%]{16,512})", re.A)
+                   r"outlook\.office\.com/webhook)/([A-Za-z0-9@/_\-.?=&%]{16,512})", re.A)
 
 
-def webhooks(text: str, low: bytes, add: Add) -> None:
-    if b"webhook" in low or b"chat.googleapis" in low:
-        for m in _HOOK.finditer(text):
-            add(m.start(1), m.end(1), "webhook")
+def webhooks(text: str, add: Add) -> None:
+    for m in _HOOK.finditer(text):
+        add(m.start(1), m.end(1), "webhook")
+
+
+_PUTTY = re.compile(r"Private-Lines:[ \t]*\d+((?:(?:\r?\n|\\r\\n|\\n)[A-Za-z0-9+/=]{4,})+)(?:(?:\r?\n|\\r\\n|\\n)Private-MAC:[ \t]*([0-9a-fA-F]+))?")
+
+
+def putty(text: str, add: Add) -> None:
+    """A PuTTY .ppk private key: the Private-Lines block and its MAC."""
+    for m in _PUTTY.finditer(text):
+        add(m.start(1), m.end(2) if m.group(2) else m.end(1), "private_key")
 
 
 # --------------------------------------------------------------------------- password syntax
 
-_MYSQL = re.compile(r"(?:^|[\s;&|(`])(?:mysql|mysqldump|mysqladmin|mysqlsh|mariadb|mariadb-dump|mysqlimport)\b[^\r\n|;&]{0,256}?[ \t]-p([^\s'\"]{2,256}|'[^'\r\n]{1,256}'|\"[^\"\r\n]{1,256}\")")
+_MYSQL = re.compile(r"(?:mysql|mysqldump|mysqladmin|mysqlsh|mysqlimport)\b[^\r\n|;&]{0,256}?[ \t]-p([^\s'\"]{2,256}|'[^'\r\n]{1,256}'|\"[^\"\r\n]{1,256}\")")
 _SSHPASS = re.compile(r"sshpass[ \t]+(?:-[a-oq-zA-Z][ \t]+\S+[ \t]+)*-p[ \t]*('[^'\r\n]{1,256}'|\"[^\"\r\n]{1,256}\"|[^\s'\"]{1,256})")
 _HTPASSWD = re.compile(r"htpasswd[ \t]+-[a-zA-Z]*b[a-zA-Z]*(?:[ \t]+-[a-zA-Z]+)*[ \t]+\S+[ \t]+\S+[ \t]+('[^'\r\n]{1,256}'|\"[^\"\r\n]{1,256}\"|[^\s'\"]{1,256})")
 _CURL_U = re.compile(r"(?:[ \t]-u[ \t]*|[ \t]--user[ \t=]+|[ \t]--proxy-user[ \t=]+)['\"]?([^\s:'\"@]{1,128}):([^\s'\"]{1,256})")
-_REDIS_A = re.compile(r"redis-cli\b[^\r\n|;&]{0,256}?[ \t](?:-a|--pass)[ \t]+('[^'\r\n]{1,256}'|\"[^\"\r\n]{1,256}\"|[^\s'\"]{1,256})")
-_NETRC = re.compile(r"\bpassword[ \t]+(\S{1,256})")
-_XML = re.compile(r"<((?:[A-Za-z_:][\w:.\-]{0,40})?(?:password|passwd|secret|token|apikey|api_key|api-key|credential)[\w:.\-]{0,20})(?:[ \t][^<>]{0,200})?>([^<\r\n]{1,512})</\1>", re.I)
+_NETRC = re.compile(r"(?:machine\s+\S{1,253}|default)(?:\s+(?:login|account|port)\s+\S{1,256}){0,3}\s+password\s+(\S{1,256})")
+_NETRC_HEAD = re.compile(r"(?:machine|default)\b", re.I)
+_XML = re.compile(r"<((?:[A-Za-z_][\w.\-]{0,40}:)?[A-Za-z_]{0,20}pass(?:word|wd|phrase)?[\w.\-]{0,20})(?:[ \t][^<>]{0,200})?>([^<\r\n]{1,512})</\1>", re.I)
 # A password in prose that runs to several words: `my password is "correct horse battery staple"`
 _PROSE_PW = re.compile(r"password(?: for [\w.@\-]{1,64})?(?: is| was| will be|:)[ \t]+(?:\"([^\"\r\n]{2,128})\"|'([^'\r\n]{2,128})'|`([^`\r\n]{2,128})`)", re.I)
 
@@ -175,43 +172,53 @@ def _unquote(m: re.Match, g: int) -> tuple[int, int]:
     return s, e
 
 
-def password_syntax(text: str, low: bytes, add: Add) -> None:
-    if b"-p" in low and (b"mysql" in low or b"mariadb" in low):
+def commands(text: str, low: bytes, add: Add) -> None:
+    """`mysql -pX`, `curl -u user:X`, `curl -b 'sid=X'`."""
+    if b"mysql" in low:
         for m in _MYSQL.finditer(text):
-            add(*_unquote(m, 1), "password_cli")
-    if b"sshpass" in low:
-        for m in _SSHPASS.finditer(text):
-            add(*_unquote(m, 1), "password_cli")
-    if b"htpasswd" in low:
-        for m in _HTPASSWD.finditer(text):
-            add(*_unquote(m, 1), "password_cli")
-    if b"-u" in low or b"--user" in low:
+            if not (m.start() and text[m.start() - 1].isalnum()):
+                add(*_unquote(m, 1), "password_cli")
+    if b"curl" in low:
         for m in _CURL_U.finditer(text):
             if not m.group(2).startswith(("$", "<")):
                 add(m.start(2), m.end(2), "password_cli")
-    if b"redis-cli" in low:
-        for m in _REDIS_A.finditer(text):
+        for m in _CURL_B.finditer(text):
+            _pairs(text, m.end(), add)
+
+
+def pass_context(text: str, low: bytes, i: int, add: Add) -> None:
+    """At a `pass` root: `sshpass -p X`, `htpasswd -b file user X`, a .netrc `password X`,
+    `<password>X</password>`, and a quoted password of several words in prose."""
+    if low.startswith(b"ssh", i - 3):
+        m = _SSHPASS.match(text, i - 3)
+        if m:
             add(*_unquote(m, 1), "password_cli")
-    if b"machine " in low or b"login " in low:
-        i = low.find(b"password ")
-        while i >= 0:
-            s, _ = _line(text, i)
-            ln = low[s:i]
-            if b"machine" in ln or b"login" in ln or b"default" in ln:
-                m = _NETRC.match(text, i)
-                if m and not m.group(1).startswith(("$", "<")):
-                    add(m.start(1), m.end(1), "password_cli")
-            i = low.find(b"password ", i + 9)
-    if b"</" in low:
-        for m in _XML.finditer(text):
-            if not m.group(2).startswith(("$", "<", "{")) and m.group(2).strip("*x "):
-                add(m.start(2), m.end(2), "password_cli")
-    if b"password" in low:
-        for m in _PROSE_PW.finditer(text):
-            g = m.lastindex or 1
-            v = m.group(g)
-            if " " in v.strip() and not v.startswith(("$", "<", "{")):  # one word is secret_assignment's
-                add(m.start(g), m.end(g), "password_cli")
+        return
+    if low.startswith(b"ht", i - 2):
+        m = _HTPASSWD.match(text, i - 2)
+        if m:
+            add(*_unquote(m, 1), "password_cli")
+        return
+    if not low.startswith(b"password", i):
+        return
+    lt = text.rfind("<", max(0, i - 64), i)
+    if lt >= 0 and (m := _XML.match(text, lt)) and m.end(1) > i:
+        v = m.group(2)
+        if not v.startswith(("$", "<", "{")) and v.strip("*xX. "):
+            add(m.start(2), m.end(2), "password_cli")
+        return
+    if text.startswith(" ", i + 8) or text.startswith("\t", i + 8):
+        for h in _NETRC_HEAD.finditer(text, max(0, i - 400), i):
+            m = _NETRC.match(text, h.start())
+            if m and m.start(1) > i and not m.group(1).startswith(("$", "<")):
+                add(m.start(1), m.end(1), "password_cli")
+                return
+    m = _PROSE_PW.match(text, i)
+    if m:
+        g = m.lastindex or 1
+        v = m.group(g)
+        if " " in v.strip() and not v.startswith(("$", "<", "{")):  # one word is secret_assignment's
+            add(m.start(g), m.end(g), "password_cli")
 
 
 # --------------------------------------------------------------------------- PII
@@ -224,55 +231,81 @@ _DOB_WORDS = (b"dob", b"born", b"birth", b"b-day", b"bday")
 _PASSPORT = re.compile(r"[A-Z0-9]{6,9}(?![A-Za-z0-9])")
 _SSN_PLAIN = re.compile(r"(?<!\d)(?!000|666|9)\d{3}[ ]?(?!00)\d{2}[ ]?(?!0000)\d{4}(?!\d)")
 _MAC = re.compile(r"(?<![0-9A-Fa-f:\-])[0-9A-Fa-f]{2}([:\-])(?:[0-9A-Fa-f]{2}\1){4}[0-9A-Fa-f]{2}(?![0-9A-Fa-f:\-])")
-_MAC_HINT = re.compile(r"[:\-][0-9A-Fa-f]{2}[:\-][0-9A-Fa-f]{2}[:\-]")
 _LATLON = re.compile(r"(-?\d{1,2}\.\d{4,})°?[ \t]*[NS]?[ \t]*,[ \t]*(-?\d{1,3}\.\d{4,})°?")
-_OBF_EMAIL = re.compile(
-    r"([A-Za-z0-9][A-Za-z0-9._%+\-]{0,63})[ \t]*(?:\[at\]|\(at\)|\{at\}|<at>|[ \t]at[ \t]|\[@\]|\(@\))[ \t]*"
-    r"((?:[A-Za-z0-9\-]{1,63}[ \t]*(?:\[dot\]|\(dot\)|\{dot\}|<dot>|[ \t]dot[ \t]|\.)[ \t]*){1,4}"
-    r"(?:com|org|net|io|co|uk|de|fr|edu|gov|info|biz|me|us|ca|au|in|nl|es|it|jp|ch|se|dev|app|ai))(?![A-Za-z0-9])", re.I)
+_OBF_AT = re.compile(r"[ \t]*(?:\[at\]|\(at\)|\{at\}|<at>|\[@\]|\(@\)|at)[ \t]*", re.I)
+_OBF_DOMAIN = re.compile(
+    r"(?:[A-Za-z0-9\-]{1,63}[ \t]*(?:\[dot\]|\(dot\)|\{dot\}|<dot>|[ \t]dot[ \t]|\.)[ \t]*){1,4}"
+    r"(?:com|org|net|io|co|uk|de|fr|edu|gov|info|biz|me|us|ca|au|in|nl|es|it|jp|ch|se|dev|app|ai)(?![A-Za-z0-9])", re.I)
+_OBF_LOCAL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._%+\-]{0,63}$")
+_OBF_MARKS = (b" at ", b"[at]", b"(at)", b"{at}", b"<at>", b"[@]", b"(@)")
 _NOT_LOCAL = frozenset("look looking the a an this that it me us them him her you we they".split())
 
 
 def pii(text: str, low: bytes, add: Add) -> None:
-    for w in _DOB_WORDS:
+    """PII that only its context makes personal: a date after DOB/born/birth, a number after
+    passport or SSN, a MAC address near `mac`, an address spelt out (`jane at acme dot com`)."""
+    for w in (b"dob", b"born", b"birth"):
         i = low.find(w)
         while i >= 0:
-            for m in _DATE.finditer(text, i + len(w), min(len(text), i + len(w) + 40)):
-                add(m.start(), m.end(), "dob")
-                break
-            i = low.find(w, i + len(w))
+            j = i + len(w)
+            # a word of its own (`DOB:`, `born`, `birth date`), not `dobrba`, `stubborn`
+            if not (i and low[i - 1:i].isalpha()) and not (w != b"birth" and low[j:j + 1].isalpha()):
+                m = _DATE.search(text, j, min(len(text), j + 40))
+                if m:
+                    add(m.start(), m.end(), "dob")
+            i = low.find(w, j)
     i = low.find(b"passport")
     while i >= 0:
-        stop = min(len(text), i + 48)
-        for m in _PASSPORT.finditer(text, i + 8, stop):
+        for m in _PASSPORT.finditer(text, i + 8, min(len(text), i + 48)):
             if any(c.isdigit() for c in m.group()):
                 add(m.start(), m.end(), "passport")
                 break
         i = low.find(b"passport", i + 8)
-    for w in (b"ssn", b"social security", b"sozialversicherung"):
+    for w in (b"ssn", b"social sec"):
         i = low.find(w)
         while i >= 0:
             m = _SSN_PLAIN.search(text, i + len(w), min(len(text), i + len(w) + 32))
             if m:
                 add(m.start(), m.end(), "ssn")
             i = low.find(w, i + len(w))
-    if ":" in text or "-" in text:
-        pos = 0
-        while (h := _MAC_HINT.search(text, pos)) is not None:
-            m = _MAC.search(text, max(0, h.start() - 2), min(len(text), h.start() + 15))
-            if m:
-                add(m.start(), m.end(), "mac_address")
-                pos = m.end()
-            else:
-                pos = h.start() + 1
-    if b" at " in low or b"[at]" in low or b"(at)" in low or b"{at}" in low or b"<at>" in low:
-        for m in _OBF_EMAIL.finditer(text):
-            if m.group(1).lower() in _NOT_LOCAL or "@" in m.group():
-                continue
-            dom = m.group(2).lower()
-            if "dot" not in dom and "[" not in m.group() and "(" not in m.group() and "{" not in m.group():
-                continue  # `meet at example.com` is a site, not an obfuscated address
-            add(m.start(), m.end(), "email")
+    i = low.find(b"mac")
+    while i >= 0:  # `aa-bb-cc-dd-ee-ff` near mac/macaddress (the colon form is found without a word)
+        for m in _MAC.finditer(text, i, min(len(text), i + 80)):
+            add(m.start(), m.end(), "mac_address")
+        i = low.find(b"mac", i + 3)
+    if b"dot" in low or b"at]" in low or b"at)" in low:
+        for mark in _OBF_MARKS:
+            i = low.find(mark)
+            while i >= 0:
+                _obfuscated_email(text, i + (1 if mark == b" at " else 0), mark != b" at ", add)
+                i = low.find(mark, i + len(mark))
+
+
+def mac_at(text: str, i: int, add: Add) -> bool:
+    """A colon-separated MAC address around `i` (where the IPv6 detector found colon groups)."""
+    m = _MAC.search(text, max(0, i - 3), min(len(text), i + 20))
+    if m:
+        add(m.start(), m.end(), "mac_address")
+        return True
+    return False
+
+
+def _obfuscated_email(text: str, i: int, bracketed: bool, add: Add) -> None:
+    """`jane at acme dot com`, `bob [at] corp [dot] io` with the marker at `i`."""
+    j = i
+    while j > 0 and text[j - 1] in " \t":
+        j -= 1
+    lm = _OBF_LOCAL.search(text, max(0, j - 64), j)
+    if lm is None or lm.group().lower() in _NOT_LOCAL:
+        return
+    at = _OBF_AT.match(text, lm.end())
+    dom = _OBF_DOMAIN.match(text, at.end()) if at else None
+    if dom is None:
+        return
+    d = dom.group().lower()
+    if not bracketed and "dot" not in d:
+        return  # `meet at example.com` is a site, not an obfuscated address
+    add(lm.start(), dom.end(), "email")
 
 
 def latlon(text: str, shape: bytes, add: Add) -> None:

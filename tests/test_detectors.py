@@ -151,7 +151,7 @@ TRUE_POSITIVES = [
     ("ssn", "SSN", "SSN 123456789 on file", "123456789"),
     ("ssn", "SSN", "social security number: 123 45 6789", "123 45 6789"),
     ("mac_address", "MAC", "device mac 00:1A:2B:3C:4D:5E joined", "00:1A:2B:3C:4D:5E"),
-    ("mac_address", "MAC", "ether 3c-22-fb-12-ab-9e", "3c-22-fb-12-ab-9e"),
+    ("mac_address", "MAC", "wifi MAC 3c-22-fb-12-ab-9e", "3c-22-fb-12-ab-9e"),
     ("geo", "LOCATION", "last seen at 51.50735, -0.12776 yesterday", "51.50735"),
     ("geo", "LOCATION", '{"loc": "40.712776,-74.005974"}', "40.712776"),
     ("phone", "PHONE", "call me on 07700 900123 after six", "07700 900123"),
@@ -482,7 +482,7 @@ def test_consistent_within_a_trace(texts):
         "~a" * 100_000,
         "<EMAIL_" * 30_000,
         # a 2 MB line of mostly benign code and prose with secrets sprinkled in
-        ("lorem ipsum 2026-04-25 src/x.py token_count = 5; " * 50 + "alice@example.com key: aB3dE5fG7hJ9kL1mN3pQ5rS7 /home/bob/x 8.8.8.8 ") * 780,
+        ("lorem ipsum 2026-04-25 src/x.py token_count = 5; " * 50 + "alice@acme-corp.io key: aB3dE5fG7hJ9kL1mN3pQ5rS7 /home/bob/x 8.8.8.8 ") * 780,
     ],
     ids=lambda t: repr(t[:12]),
 )
