@@ -45,7 +45,14 @@ from stages.readers import normalize, normalize_arguments
 from stages.redact import _arguments_json, _arguments_text, _collect, _rebuild, redact_fields
 
 ROOT = Path(__file__).resolve().parents[1]
-LOCATIONS = ("message", "tool_args", "review_note")
+# Every place a trace holds a string: user and assistant text, the system prompt, tool-call arguments
+# (flat, or nested in objects and lists), tool results (plain text, JSON text, double-encoded JSON
+# text), tool schemas, metadata values and metadata keys, and the human review's notes.
+LOCATIONS = ("message", "assistant", "system", "tool_args", "tool_args_nested", "tool_result", "tool_result_json",
+             "tool_result_double", "tool_schema", "metadata", "dict_key", "review_note")
+_JSON_LOCATIONS = ("tool_args", "tool_args_nested", "tool_schema", "metadata", "dict_key")
+_ARG_LOCATIONS = ("tool_args", "tool_args_nested")
+_RESULT_LOCATIONS = ("tool_result", "tool_result_json", "tool_result_double")
 KINDS = ("tp", "fp", "benign")
 BENIGN_GROUP = "benign_code"
 BETA = 2.0
@@ -53,6 +60,8 @@ BETA = 2.0
 # detector family -> placeholder kinds that count as the right type
 FAMILY: dict[str, frozenset[str]] = {det: frozenset({kind}) for det, kind in _KINDS.items()}
 FAMILY["secret_assignment"] = frozenset({"PASSWORD", "API_KEY", "TOKEN", "SECRET"})
+# a finding in decoded text takes the kind of what it found there (a base64 password is a PASSWORD)
+FAMILY["encoded"] = frozenset(_KINDS.values())
 # placeholder kind -> the first (highest-priority) detector that emits it: attribution of a span
 # that `scan` of the original did not report (found by a rescan after a neighbour was replaced)
 _KIND_DET: dict[str, str] = {}
@@ -69,10 +78,11 @@ class FixtureError(ValueError):
 
 
 def surface(location: str, text: str) -> list[str]:
-    """The strings of a case as the redactor sees them: one text, or every string of the arguments JSON."""
-    if location == "tool_args":
+    """The strings of a case as the redactor sees them: one text, or every string of its JSON
+    (tool-call arguments, a tool schema, a metadata object)."""
+    if location in _JSON_LOCATIONS:
         out: list[str] = []
-        _collect(json.loads(normalize_arguments(text)), out)
+        _collect(json.loads(normalize_arguments(text)) if location in _ARG_LOCATIONS else json.loads(text), out)
         return out
     return [text]
 
@@ -118,15 +128,27 @@ _ASK = "Please help with the ticket."
 
 
 def _record(location: str, text: str) -> dict[str, Any]:
-    """A raw OpenAI-style trace line with the case's text in its place."""
-    msgs: list[dict[str, Any]] = [{"role": "user", "content": text if location == "message" else _ASK}]
-    review: dict[str, Any] = {"status": "accepted"}
+    """A raw OpenAI-style trace line (system, user, a tool call, its result, a final answer, a tool
+    schema, metadata, a review) with the case's text in its place and plain text everywhere else."""
+    def put(loc, default):
+        return text if location == loc or (isinstance(loc, tuple) and location in loc) else default
+
+    call = {"id": "call_1", "type": "function", "function": {"name": "tool", "arguments": put(_ARG_LOCATIONS, '{"query": "status"}')}}
+    msgs: list[dict[str, Any]] = [
+        {"role": "system", "content": put("system", "You are the support agent.")},
+        {"role": "user", "content": put("message", _ASK)},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": put(_RESULT_LOCATIONS, "ok")},
+        {"role": "assistant", "content": put("assistant", "Done.")},
+    ]
+    params = json.loads(text) if location == "tool_schema" else {"type": "object", "properties": {"query": {"type": "string"}}}
+    rec: dict[str, Any] = {"messages": msgs, "tools": [{"type": "function", "function": {"name": "tool", "parameters": params}}],
+                           "human_review": {"status": "accepted"}}
     if location == "review_note":
-        review["review_notes"] = text
-    if location == "tool_args":
-        call = {"id": "call_1", "type": "function", "function": {"name": "tool", "arguments": text}}
-        msgs.append({"role": "assistant", "content": None, "tool_calls": [call]})
-    return {"messages": msgs, "human_review": review}
+        rec["human_review"]["review_notes"] = text
+    if location in ("metadata", "dict_key"):
+        rec["metadata"] = json.loads(text)
+    return rec
 
 
 def _fields(location: str, text: str) -> dict[str, Any]:
@@ -139,9 +161,19 @@ def _fields(location: str, text: str) -> dict[str, Any]:
 def _target(location: str, fields: dict[str, Any]) -> Any:
     if location == "review_note":
         return fields["review"]["notes"]
-    if location == "tool_args":
-        return fields["messages"][1]["tool_calls"][0]["function"]["arguments"]
-    return fields["messages"][0]["content"]
+    if location in _ARG_LOCATIONS:
+        return fields["messages"][2]["tool_calls"][0]["function"]["arguments"]
+    if location == "tool_schema":
+        return fields["tools"][0]["function"]["parameters"]
+    if location in ("metadata", "dict_key"):
+        return fields["extra"]["metadata"]
+    at = {"system": 0, "message": 1, "assistant": 4}.get(location, 3)
+    return fields["messages"][at]["content"]
+
+
+def _target_text(location: str, fields: dict[str, Any]) -> str:
+    t = _target(location, fields)
+    return t if isinstance(t, str) else json.dumps(t, ensure_ascii=False)
 
 
 def _slice(texts: list[str], sub: list[str]) -> int:
@@ -171,7 +203,7 @@ def redact_text(location: str, text: str, redactor: Redactor) -> tuple[list[str]
     _collect(walked, red)
     if len(red) != len(texts):
         raise RuntimeError("redact_fields changed the number of strings in a record")
-    return texts[i : i + len(sub)], red[i : i + len(sub)], _target(location, ref)
+    return texts[i : i + len(sub)], red[i : i + len(sub)], _target_text(location, ref)
 
 
 def recover_spans(orig: str, red: str) -> list[tuple[int, int, str]] | None:
@@ -232,7 +264,7 @@ def evaluate_case(case: dict, redactor: Redactor) -> dict[str, Any]:
     for sp in spans:
         sp["fp"] = not any(i == sp["string"] and s < sp["end"] and sp["start"] < e for (i, s, e) in label_occ)
     valid_json = None
-    if loc == "tool_args":
+    if loc in _JSON_LOCATIONS:
         try:
             json.loads(output)
             valid_json = True

@@ -301,10 +301,13 @@ _ASSIGN = re.compile(
       | (?P<bare>(?!=)[^\s"'`,;<>(){}\[\]\\|]{1,512}))""",
     re.X,
 )
+_SIBLING = re.compile(
+    r"""\\*["']?[ \t]*(?:,[ \t]*|\r?\n[ \t]*-?[ \t]*|(?:\\+n)[ \t]*-?[ \t]*)\\*["']?(?:value|Value|val|default|secret)\\*["']?[ \t]*[:=][ \t]*"""
+    r"""\\*["']?([^"'\\\r\n,}{ ]{1,512})""")
 _FLAG = re.compile(r"""[ \t]+(?P<bare>[^\s"'`<>\-$][^\s"'`<>]{0,511})""")
 _BEARER = re.compile(r"[ \t]+([A-Za-z0-9\-._~+/]{8,}+=*)", re.A)
 _AUTH_HEADER = re.compile(
-    r"""["']?[ \t]*[:=][ \t]*["']?(?:(?:[Bb]asic|[Tt]oken|[Dd]igest)[ \t]+)?([A-Za-z0-9\-._~+/]{8,}+=*)""", re.A
+    r"""\\?["']?[ \t]*[:=][ \t]*\\?["']?(?:(?:[Bb]asic|[Tt]oken)[ \t]+)?([A-Za-z0-9\-._~+/]{8,}+=*)""", re.A
 )
 _NULLISH = frozenset(
     "none null nil true false undefined yes no on off empty required optional str string bytes int bool"
@@ -527,7 +530,8 @@ class Redactor:
         header = _HEADER_KEYS.get(stem.replace("_", "-"))
         if header is not None:  # `{"Authorization": "Basic ..."}`, `{"Cookie": "sid=..."}` (HAR, fetch args)
             if header in self._on and len(value) >= 6 and _plausible_value(value, "TOKEN", False, "") and (
-                    header == "cookie" or _looks_random(value.rsplit(" ", 1)[-1])):
+                    header == "cookie" or _looks_random(value.rsplit(" ", 1)[-1])) and _plausible_value(
+                    value.rsplit(" ", 1)[-1], "TOKEN", False, ""):
                 return header, _KINDS[header]
             return None
         if "secret_assignment" not in self._on:
@@ -555,6 +559,20 @@ class Redactor:
             for folded, idx in families.fold_windows(text):
                 for s, e, det, kind in self._scan(folded):
                     out.append((idx[s], idx[e - 1] + 1, det, kind))
+        if n >= 16 and "\\" in text:
+            # JSON text inside a string (a tool result, double-encoded arguments): `\"`, `\n` hide the
+            # quotes and line ends the patterns rely on; unescape (twice at most) and map back.
+            cur, maps = text, []
+            for _ in range(2):
+                un = families.json_unescape(cur)
+                if un is None:
+                    break
+                cur, seg = un
+                maps.append(seg)
+                for s, e, det, kind in self._scan(cur):
+                    for seg_ in reversed(maps):
+                        s, e = families.map_back(seg_, s), families.map_back(seg_, e - 1) + 1
+                    out.append((s, e, det, kind))
         if n >= 16 and "encoded" in self._on:
             for s, e, dec in families.encoded_runs(text, text.encode("latin-1", "replace").translate(_TOK_T)):
                 inner = self._resolve(self._scan(dec))
@@ -928,6 +946,13 @@ class Redactor:
                         if self._aws_secret(v, key, low, ks, ke):
                             self._add(out, m.start(g), m.end(g), "aws_secret_key")
                         continue  # the value is covered; the window would only find it again
+                else:  # the name in one field, the value in its sibling: `{"name": "DB_PASSWORD", "value": "..."}`
+                    m = _SIBLING.match(text, ke)
+                    if m and _plausible_value(m.group(1), kind, False, ""):
+                        self._add(out, m.start(1), m.end(1), "secret_assignment", kind)
+                        if self._aws_secret(m.group(1), key, low, ks, ke):
+                            self._add(out, m.start(1), m.end(1), "aws_secret_key")
+                        continue
             if want_window:
                 if tok is None:
                     tok = raw.translate(_TOK_T)

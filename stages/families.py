@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import functools
 import json
 import re
@@ -66,7 +67,7 @@ def _line_end(text: str, i: int) -> int:
 
 
 _COOKIE_ATTRS = frozenset("path domain expires max-age samesite httponly secure priority partitioned version comment".split())
-_COOKIE_HEAD = re.compile(r"(?:set-)?cookie[\"']?[ \t]*[:=][ \t]*[\"']?|cookie[ \t]+|cookie\b[^\r\n]{0,20}?[ \t][\"']", re.I)
+_COOKIE_HEAD = re.compile(r"(?:set-)?cookie\\?[\"']?[ \t]*[:=][ \t]*\\?[\"']?|cookie[ \t]+|cookie\b[^\r\n]{0,20}?[ \t]\\?[\"']", re.I)
 _CURL_B = re.compile(r"(?:^|[ \t])(?:-b|--cookie)[ \t]+[\"']?", re.M)
 _PAIR = re.compile(r"[ \t]*([A-Za-z0-9_.\-$!#%&'*+^`|~]{1,128})=([^;\"'\r\n\\ ]{4,4096})")
 
@@ -87,7 +88,9 @@ def _pairs(text: str, pos: int, add: Add) -> None:
         m = _PAIR.match(text, pos, end)
         if not m:
             return
-        if m.group(1).lower() not in _COOKIE_ATTRS:
+        v = m.group(2)
+        # a value, not a preference: `theme=dark`, `lang=en` are not credentials
+        if m.group(1).lower() not in _COOKIE_ATTRS and len(v) >= 8 and (any(c.isdigit() for c in v) or not v.islower()):
             add(m.start(2), m.end(2), "cookie")
         pos = m.end()
         if pos < end and text[pos] == ";":
@@ -96,13 +99,20 @@ def _pairs(text: str, pos: int, add: Add) -> None:
             return
 
 
-_AUTH_ANY = re.compile(r"""["']?[ \t]*[:=][ \t]*["']?([A-Za-z][A-Za-z0-9\-]{1,20})[ \t]+([^\r\n"'\\]{6,2048})""")
+_AUTH_ANY = re.compile(r"""\\*["']?[ \t]*(?:[:=]|,[ \t]*\\*["']?value\\*["']?[ \t]*:)[ \t]*\\*["']?"""
+                      r"""([A-Za-z][A-Za-z0-9\-]{1,20})[ \t]+([^\r\n"'\\]{6,2048})""", re.I)
+_DIGEST_RESPONSE = re.compile(r"""response=\\*["']?([0-9a-fA-F]{16,128})""")
 
 
 def authorization_at(text: str, i: int, add: Add) -> None:
     """`Authorization: <scheme> <credentials>` for any scheme but Bearer/Basic/Token (detectors.py's
     bearer_token has those): Bot, OAuth, Digest, SSWS, AWS4-HMAC-SHA256, SharedKey..."""
     m = _AUTH_ANY.match(text, i + 13)
+    if m and m.group(1).lower() == "digest":  # the response hash proves the password: take it
+        r = _DIGEST_RESPONSE.search(text, m.start(2), _line_end(text, m.start(2)))
+        if r:
+            add(*r.span(1), "auth_header")
+        return
     if m and m.group(1).lower() not in ("bearer", "basic", "token"):
         cred = m.group(2).rstrip()
         if any(c.isdigit() for c in cred) and len(cred) >= 8 and not cred.startswith(("$", "<", "{")):
@@ -143,7 +153,7 @@ def webhooks(text: str, add: Add) -> None:
         add(m.start(1), m.end(1), "webhook")
 
 
-_PUTTY = re.compile(r"Private-Lines:[ \t]*\d+((?:(?:\r?\n|\\r\\n|\\n)[A-Za-z0-9+/=]{4,})+)(?:(?:\r?\n|\\r\\n|\\n)Private-MAC:[ \t]*([0-9a-fA-F]+))?")
+_PUTTY = re.compile(r"Private-Lines:[ \t]*\d+((?:(?:\r?\n|\\+r\\+n|\\+n)[A-Za-z0-9+/=]{4,})+)(?:(?:\r?\n|\\+r\\+n|\\+n)Private-MAC:[ \t]*([0-9a-fA-F]+))?")
 
 
 def putty(text: str, add: Add) -> None:
@@ -228,6 +238,8 @@ _DATE = re.compile(
     rf"(?:\d{{4}}[-/.]\d{{1,2}}[-/.]\d{{1,2}}|\d{{1,2}}[-/.]\d{{1,2}}[-/.]\d{{2,4}}|\d{{1,2}}(?:st|nd|rd|th)?[ \t]+{_MONTHS}[ \t,]+\d{{4}}|{_MONTHS}[ \t]+\d{{1,2}}(?:st|nd|rd|th)?,?[ \t]+\d{{4}})",
     re.I)
 _DOB_WORDS = (b"dob", b"born", b"birth", b"b-day", b"bday")
+_WORD = re.compile(r"[a-z]+")
+_DOB_GAP = frozenset("on is was date day of birth dob in the".split())
 _PASSPORT = re.compile(r"[A-Z0-9]{6,9}(?![A-Za-z0-9])")
 _SSN_PLAIN = re.compile(r"(?<!\d)(?!000|666|9)\d{3}[ ]?(?!00)\d{2}[ ]?(?!0000)\d{4}(?!\d)")
 _MAC = re.compile(r"(?<![0-9A-Fa-f:\-])[0-9A-Fa-f]{2}([:\-])(?:[0-9A-Fa-f]{2}\1){4}[0-9A-Fa-f]{2}(?![0-9A-Fa-f:\-])")
@@ -251,7 +263,8 @@ def pii(text: str, low: bytes, add: Add) -> None:
             # a word of its own (`DOB:`, `born`, `birth date`), not `dobrba`, `stubborn`
             if not (i and low[i - 1:i].isalpha()) and not (w != b"birth" and low[j:j + 1].isalpha()):
                 m = _DATE.search(text, j, min(len(text), j + 40))
-                if m:
+                # only a few words may sit between: `DOB: x`, `born on x`, `date of birth is x`
+                if m and set(_WORD.findall(low[j:m.start()].decode("latin-1"))) <= _DOB_GAP:
                     add(m.start(), m.end(), "dob")
             i = low.find(w, j)
     i = low.find(b"passport")
@@ -308,6 +321,10 @@ def _obfuscated_email(text: str, i: int, bracketed: bool, add: Add) -> None:
     add(lm.start(), dom.end(), "email")
 
 
+# Four decimals (~10 m) locate a person only with a personal context; five or more always do.
+_GEO_WORDS = re.compile(r"gps|seen at|located at|lives|my location|current location|last known|whereabouts", re.I)
+
+
 def latlon(text: str, shape: bytes, add: Add) -> None:
     """`51.50735, -0.12776`: two decimal degrees with >= 4 decimals each, in range."""
     h = shape.find(b"0.0000")
@@ -318,7 +335,9 @@ def latlon(text: str, shape: bytes, add: Add) -> None:
         if s and text[s - 1] == "-":
             s -= 1
         m = _LATLON.match(text, s)
-        if m and abs(float(m.group(1))) <= 90 and abs(float(m.group(2))) <= 180 and (s == 0 or not text[s - 1].isalnum()):
+        if m and abs(float(m.group(1))) <= 90 and abs(float(m.group(2))) <= 180 and (s == 0 or not text[s - 1].isalnum()) and (
+                min(len(m.group(1).split(".")[1]), len(m.group(2).split(".")[1])) >= 5
+                or _GEO_WORDS.search(text, max(0, s - 40), s)):
             add(m.start(), m.end(), "geo")
             h = shape.find(b"0.0000", m.end())
             continue
@@ -454,3 +473,33 @@ def encoded_runs(text: str, tok: bytes, min_len: int = 16) -> list[tuple[int, in
             else:
                 i = text.find("%", i + 1)
     return out
+
+
+_ESC = re.compile(r'\\(["\\/bfnrt])')
+_ESC_MAP = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
+def json_unescape(text: str) -> tuple[str, list[tuple[int, int]]] | None:
+    """`text` with one level of JSON string escapes undone, and the segments [(unescaped start,
+    original start)] that map offsets back; None when there is nothing to undo."""
+    parts, segs, pos, out_len = [], [(0, 0)], 0, 0
+    for m in _ESC.finditer(text):
+        chunk = text[pos:m.start()]
+        parts.append(chunk)
+        out_len += len(chunk)
+        parts.append(_ESC_MAP[m.group(1)])
+        segs.append((out_len, m.start()))  # the unescaped char comes from the two-char escape
+        out_len += 1
+        segs.append((out_len, m.end()))
+        pos = m.end()
+    if pos == 0:
+        return None
+    parts.append(text[pos:])
+    return "".join(parts), segs
+
+
+def map_back(segs: list[tuple[int, int]], i: int) -> int:
+    """An offset in unescaped text -> the offset in the text it came from."""
+    k = bisect.bisect_right(segs, (i, float("inf"))) - 1
+    new, orig = segs[k]
+    return orig + (i - new)
