@@ -560,25 +560,38 @@ class Redactor:
                 for s, e, det, kind in self._scan(folded):
                     out.append((idx[s], idx[e - 1] + 1, det, kind))
         if n >= 16 and "\\" in text:
-            # JSON text inside a string (a tool result, double-encoded arguments): `\"`, `\n` hide the
-            # quotes and line ends the patterns rely on; unescape (twice at most) and map back.
-            cur, maps = text, []
-            for _ in range(2):
-                un = families.json_unescape(cur)
-                if un is None:
-                    break
-                cur, seg = un
-                maps.append(seg)
-                for s, e, det, kind in self._scan(cur):
-                    for seg_ in reversed(maps):
-                        s, e = families.map_back(seg_, s), families.map_back(seg_, e - 1) + 1
-                    out.append((s, e, det, kind))
+            out += self._unescaped(text)
         if n >= 16 and "encoded" in self._on:
             for s, e, dec in families.encoded_runs(text, text.encode("latin-1", "replace").translate(_TOK_T)):
                 inner = self._resolve(self._scan(dec))
                 if inner:
                     out.append((s, e, "encoded", inner[0].kind))
         return self._resolve(out)
+
+    def _unescaped(self, text: str) -> list[_Cand]:
+        """JSON text inside a string (a tool result, double-encoded arguments): `\\"` and `\\n` hide the
+        quotes and line ends the patterns rely on. Each string of the batch that holds such escapes is
+        unescaped (twice at most), scanned, and its findings mapped back."""
+        out: list[_Cand] = []
+        i = text.find("\\")
+        while i >= 0:
+            s = text.rfind("\x00", 0, i) + 1
+            e = text.find("\x00", i)
+            e = len(text) if e < 0 else e
+            cur, maps = text[s:e], []
+            if '\\"' in cur or "\\n" in cur:
+                for _ in range(2):
+                    un = families.json_unescape(cur)
+                    if un is None:
+                        break
+                    cur, seg = un
+                    maps.append(seg)
+                    for fs, fe, det, kind in self._scan(cur):
+                        for m in reversed(maps):
+                            fs, fe = families.map_back(m, fs), families.map_back(m, fe - 1) + 1
+                        out.append((s + fs, s + fe, det, kind))
+            i = text.find("\\", e)
+        return out
 
     def _scan(self, text: str) -> list[_Cand]:
         n = len(text)
@@ -622,7 +635,7 @@ class Redactor:
         if "PuTTY-User-Key-File" in text:
             families.putty(text, add)
         if b"webhook" in low:
-            families.webhooks(text, add)
+            families.webhooks(text, low, add)
         families.pii(text, low, add)
 
     def redact_many(self, texts: Sequence[str], table: Placeholders) -> list[str]:

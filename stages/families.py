@@ -148,9 +148,13 @@ _HOOK = re.compile(r"(?:discord(?:app)?\.com/api/webhooks|webhook\.office\.com/w
                    r"outlook\.office\.com/webhook)/([A-Za-z0-9@/_\-.?=&%]{16,512})", re.A)
 
 
-def webhooks(text: str, add: Add) -> None:
-    for m in _HOOK.finditer(text):
-        add(m.start(1), m.end(1), "webhook")
+def webhooks(text: str, low: bytes, add: Add) -> None:
+    i = low.find(b"webhook")
+    while i >= 0:  # the host sits at most 20 chars before the word
+        m = _HOOK.search(text, max(0, i - 20), min(len(text), i + 560))
+        if m:
+            add(m.start(1), m.end(1), "webhook")
+        i = low.find(b"webhook", max(i + 7, m.end() if m else 0))
 
 
 _PUTTY = re.compile(r"Private-Lines:[ \t]*\d+((?:(?:\r?\n|\\+r\\+n|\\+n)[A-Za-z0-9+/=]{4,})+)(?:(?:\r?\n|\\+r\\+n|\\+n)Private-MAC:[ \t]*([0-9a-fA-F]+))?")
@@ -286,7 +290,7 @@ def pii(text: str, low: bytes, add: Add) -> None:
         for m in _MAC.finditer(text, i, min(len(text), i + 80)):
             add(m.start(), m.end(), "mac_address")
         i = low.find(b"mac", i + 3)
-    if b"dot" in low or b"at]" in low or b"at)" in low:
+    if b" dot " in low or b"[at]" in low or b"(at)" in low:
         for mark in _OBF_MARKS:
             i = low.find(mark)
             while i >= 0:
