@@ -114,11 +114,19 @@ def load_cases(path: str | Path) -> list[dict]:
     return cases
 
 
-def make_redactor(params_path: str | Path = ROOT / "params.yaml", disabled: Iterable[str] = ()) -> Redactor:
-    """The Redactor the `redact` stage builds from params.yaml (plus extra disabled detectors, for experiments)."""
+NAME_FAMILIES = ("person_name", "street_address")  # found only with params redact.names
+
+
+def make_redactor(params_path: str | Path = ROOT / "params.yaml", disabled: Iterable[str] = (),
+                  names: bool | None = None) -> Redactor:
+    """The Redactor the `redact` stage builds from params.yaml (plus extra disabled detectors, for
+    experiments; `names` overrides redact.names)."""
     p = load_params(params_path, "redact", RedactParams)
+    if names is not None:
+        p = p.model_copy(update={"names": names})
     return Redactor(ip_public_only=p.ip_public_only, entropy_threshold=p.entropy_threshold,
-                    entropy_min_len=p.entropy_min_len, disabled=frozenset(p.disabled_detectors) | frozenset(disabled))
+                    entropy_min_len=p.entropy_min_len, disabled=frozenset(p.disabled_detectors) | frozenset(disabled),
+                    keep_documentation_emails=p.keep_documentation_emails, names=p.names)
 
 
 # --------------------------------------------------------------------------- redaction like the stage
@@ -362,6 +370,15 @@ def aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def names_summary(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """What `redact.names: true` would do on the fixture: the name families' scores, and what it
+    costs elsewhere (false positives, benign and look-alike cases changed)."""
+    m = aggregate(results)
+    return {"categories": {k: m["categories"][k] for k in NAME_FAMILIES if k in m["categories"]},
+            "micro": m["micro"], "benign_code": m["benign_code"], "fp_vectors": m["fp_vectors"],
+            "false_positive_ids": m["defects"]["false_positive"]}
+
+
 def dumps(metrics: dict[str, Any]) -> str:
     return json.dumps(metrics, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
@@ -393,11 +410,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--disable", action="append", default=[], help="also disable this detector (experiments; repeatable)")
     ap.add_argument("--details", action="store_true", help="print every miss and false positive")
     a = ap.parse_args(argv)
-    results = evaluate(load_cases(a.cases), make_redactor(a.params, a.disable))
+    cases = load_cases(a.cases)
+    redactor = make_redactor(a.params, a.disable)
+    results = evaluate(cases, redactor)
     metrics = aggregate(results)
+    metrics["names_param"] = redactor.names
+    if not redactor.names:
+        metrics["with_names"] = names_summary(evaluate(cases, make_redactor(a.params, a.disable, names=True)))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(dumps(metrics), encoding="utf-8")
     print(table(metrics))
+    if "with_names" in metrics:
+        w = metrics["with_names"]
+        print("with redact.names: true: " + ", ".join(
+            f"{k} R={r['recall']} P={r['precision']}" for k, r in w["categories"].items())
+              + f"; micro P={w['micro']['precision']}; benign changed {w['benign_code']['changed']}/{w['benign_code']['cases']},"
+              f" look-alikes changed {w['fp_vectors']['changed']}/{w['fp_vectors']['cases']}")
     if a.details:
         for r in results:
             for lab in r["labels"]:

@@ -24,10 +24,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from stages import families
+from stages import families, names
 
 __all__ = ["BATCH_SEP", "DETECTORS", "PLACEHOLDER_RE", "Finding", "Placeholders", "Redactor", "merge_findings",
-           "structural_secrets"]
+           "rule_sets", "structural_secrets"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +79,8 @@ _KINDS = {
     "iban": "IBAN",
     "ssn": "SSN",
     "phone": "PHONE",
+    "person_name": "NAME",  # only with params redact.names (stages/names.py)
+    "street_address": "ADDRESS",
     "dob": "DOB",
     "passport": "PASSPORT",
     "mac_address": "MAC",
@@ -288,6 +290,10 @@ _KEY_PREFIXES = {"api": "API_KEY", "access": "SECRET", "private": "SECRET", "sig
 _KEY_PREFIX_SIZES = sorted({len(p) for p in _KEY_PREFIXES}, reverse=True)
 _GLUED_OK = frozenset({"password", "passwd", "passphrase", "passcode", "token", "secret", "secretkey", "key",
                        "credentials"})
+# JSON keys whose string value is a person's name (checked against the name lists: `names.is_person`).
+_PERSON_KEYS = frozenset("""name full_name fullname first_name firstname given_name last_name lastname surname family_name
+display_name displayname customer_name customer contact_name contact patient_name patient recipient_name
+sender_name author assignee owner_name account_holder cardholder card_holder employee_name user_full_name""".split())
 # Header names whose whole value is a credential, as JSON keys: header -> detector.
 _HEADER_KEYS = {"authorization": "auth_header", "proxy-authorization": "auth_header", "cookie": "cookie",
                 "set-cookie": "cookie", "x-amz-security-token": "auth_header", "x-goog-signature": "signed_url",
@@ -512,10 +518,10 @@ class Redactor:
             raise ValueError(f"unknown detector(s) in disabled: {', '.join(unknown)} (known: {', '.join(DETECTORS)})")
         self.ip_public_only = ip_public_only
         self.keep_documentation_emails = keep_documentation_emails
-        self.names = names
         self.entropy_threshold = entropy_threshold
         self.entropy_min_len = entropy_min_len
         self._on = frozenset(DETECTORS) - frozenset(disabled)
+        self.names = names and ("person_name" in self._on or "street_address" in self._on)
         self._long_tok = b"t" * max(1, entropy_min_len)
 
     # ---------------------------------------------------------------- public API
@@ -527,6 +533,8 @@ class Redactor:
         if len(key) > 64 or not value:
             return None
         stem = key.lower().rstrip("0123456789_-")
+        if self.names and stem.replace("-", "_") in _PERSON_KEYS:
+            return ("person_name", "NAME") if names.is_person(value, stem) else None
         header = _HEADER_KEYS.get(stem.replace("_", "-"))
         if header is not None:  # `{"Authorization": "Basic ..."}`, `{"Cookie": "sid=..."}` (HAR, fetch args)
             if header in self._on and len(value) >= 6 and _plausible_value(value, "TOKEN", False, "") and (
@@ -595,14 +603,15 @@ class Redactor:
 
     def _scan(self, text: str) -> list[_Cand]:
         n = len(text)
-        if n < 20 and (n < 2 or text.isalpha() or not _SHORT_HINT.search(text.lower())):
+        if n < 20 and (n < 2 or text.isalpha() or not (_SHORT_HINT.search(text.lower()) or (self.names and " " in text))):
             return []  # too short for any token run; this is most of a trace's strings (keys, roles)
         raw = text.encode("latin-1", "replace")  # one byte per char: offsets match the str
         out: list[_Cand] = []
         self._blocks(text, out)
         run = raw.translate(_RUN_T)
         self._runs(text, run, out)
-        self._numbers(text, raw.translate(_SHAPE_T), out)
+        shape = raw.translate(_SHAPE_T)
+        self._numbers(text, shape, out)
         if "@" in text:
             if "url_password" in self._on and "://" in text:
                 self._url_passwords(text, out)
@@ -613,6 +622,8 @@ class Redactor:
         if "home_path" in self._on:
             self._homes(text, low, out)
         self._more(text, raw, low, out)
+        if self.names:
+            names.find(text, low, shape, self._adder(text, out))
         return out
 
     def _adder(self, text: str, out: list[_Cand]):
@@ -1137,3 +1148,22 @@ def _walk(obj: object, r: "Redactor", out: list) -> None:
                     if isinstance(s, str) and (hit := r.key_value(k, s)):
                         out.append((s, *hit))
         _walk(v, r, out)
+
+
+def rule_sets() -> dict[str, dict[str, object]]:
+    """The rule sets the detectors load as data, with their versions (for metrics/redact.json)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(pkg: str) -> str:
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return "missing"
+
+    head, by_head = families.provider_rules()
+    n = len({rid for rules in by_head.values() for rid, _, _ in rules})
+    return {
+        "detect_secrets": {"version": ver("detect-secrets"), "plugins": len(_DS_PLUGINS)},
+        "providers": {"file": "stages/rules/providers.json", "version": head["version"], "rules": n},
+        "phonenumbers": {"version": ver("phonenumbers")},
+    }

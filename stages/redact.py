@@ -31,7 +31,7 @@ import orjson
 from schemas.params import RedactParams
 from schemas.records import Reject
 from stages.core import KeyedHasher, atomic_dir, atomic_open, dumps, line_blocks, load_key, load_params, write_json
-from stages.detectors import BATCH_SEP, Finding, Placeholders, Redactor, merge_findings, structural_secrets
+from stages.detectors import BATCH_SEP, Finding, Placeholders, Redactor, merge_findings, rule_sets, structural_secrets
 from stages.readers import ParseError, normalize, normalize_arguments, parse_line
 
 # Snapshot sub-folder -> mixing bucket. approved-runs and traces are both real work.
@@ -174,6 +174,9 @@ _KEYED = re.compile(rb'(?:pass|pwd|secret|token|key|auth|cred|cookie)[^"]{0,64}"
 _STRUCT = re.compile(rb'"(?:default|example|examples|const|enum)":|"(?:name|key|header|variable|env|field|param|label)":"[^"]{0,80}(?:pass|pwd|secret|token|key|auth|cred|cookie)')
 
 
+_PERSON_KEYED = re.compile(rb'(?:name|customer|contact|patient|recipient|author|assignee|owner|holder)":"')
+
+
 def _keyed_secrets(data: bytes, hidden: bool, redactor: Redactor, fields: dict[str, Any] | None = None,
                    canaries: Sequence[tuple[str, bytes]] = ()) -> list[tuple[str, str, str]]:
     """(value, detector, kind) for every value the record's structure names a secret: `"<secret-ish
@@ -184,12 +187,19 @@ def _keyed_secrets(data: bytes, hidden: bool, redactor: Redactor, fields: dict[s
     replaced wherever it occurs in the record (prose, arguments, results, metadata, dict keys)."""
     found = [(c, "canary", "SECRET") for c, lit in canaries if lit in data]
     low = data.lower()
-    for r in _ROOTS:
-        if r in low:
-            break
-    else:
-        return found
-    for m in _KEYED.finditer(low):
+    if any(r in low for r in _ROOTS):
+        found += _members(_KEYED, data, low, hidden, redactor)
+    if redactor.names:  # `"full_name": "Jane Doe"`, `"customer": "..."` (params redact.names)
+        found += _members(_PERSON_KEYED, data, low, hidden, redactor)
+    if fields is not None and _STRUCT.search(low):
+        found += structural_secrets(fields, redactor)
+    return found
+
+
+def _members(rx: re.Pattern, data: bytes, low: bytes, hidden: bool, redactor: Redactor) -> list[tuple[str, str, str]]:
+    """Redactor.key_value on every `"key":"string"` member whose key `rx` matches (in orjson's compact output)."""
+    found = []
+    for m in rx.finditer(low):
         ks = low.rfind(b'"', 0, m.start()) + 1
         ve = data.find(b'"', m.end())
         if ks < 2 or data[ks - 2] not in b"{," or ve < 0:
@@ -199,8 +209,6 @@ def _keyed_secrets(data: bytes, hidden: bool, redactor: Redactor, fields: dict[s
         hit = redactor.key_value(key, value)
         if hit:
             found.append((value, *hit))
-    if fields is not None and _STRUCT.search(low):
-        found += structural_secrets(fields, redactor)
     return found
 
 
@@ -378,7 +386,8 @@ class Worker:
         self.params = params
         self.hasher = KeyedHasher(key)
         self.redactor = Redactor(ip_public_only=params.ip_public_only, entropy_threshold=params.entropy_threshold,
-                                 entropy_min_len=params.entropy_min_len, disabled=frozenset(params.disabled_detectors))
+                                 entropy_min_len=params.entropy_min_len, disabled=frozenset(params.disabled_detectors),
+                                 keep_documentation_emails=params.keep_documentation_emails, names=params.names)
         self.cache = CleanCache()
         # Canaries are replaced wherever they occur (value-level defence); leaks still checks for them.
         self.canaries = canary_literals(params.canaries)
@@ -535,6 +544,7 @@ def run(raw_root: Path, out_traces: Path, out_rejects: Path, params: RedactParam
         "redactions_by_detector": dict(sorted(detectors.items())), "redactions": sum(detectors.values()),
         "traces_with_redactions": traces_with_redactions, "traces_by_bucket": dict(sorted(by_bucket.items())),
         "key_fingerprint": KeyedHasher(key).fingerprint(),
+        "rules": rule_sets(),
     }
 
 
