@@ -306,8 +306,10 @@ def _scores(tp: int, fp: int, fn: int) -> dict[str, Any]:
     return {"tp": tp, "fp": fp, "fn": fn, "precision": rnd(p), "recall": rnd(r), "f2": rnd(f2)}
 
 
-def aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-family and micro scores, benign counts, checks, and the ids of every miss and false positive."""
+def aggregate(results: list[dict[str, Any]], exclude: Iterable[str] = ()) -> dict[str, Any]:
+    """Per-family and micro scores, benign counts, checks, and the ids of every miss and false positive.
+    Families in `exclude` keep their own row but stay out of the micro and per-location totals."""
+    exclude = frozenset(exclude)
     cats = sorted(set(DETECTORS) | {r["category"] for r in results} - {BENIGN_GROUP}, key=lambda c: _PRIO.get(c, 99))
     c = {k: Counter() for k in cats}
     for r in results:
@@ -330,7 +332,9 @@ def aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:
                    leaked=cc["leaked"], kind_mismatch=cc["kind_mismatch"])
         categories[k] = row
     tot = Counter()
-    for row in categories.values():
+    for k, row in categories.items():
+        if k in exclude:
+            continue
         for f in ("tp", "fp", "fn", "leaked", "kind_mismatch"):
             tot[f] += row[f]
     micro = _scores(tot["tp"], tot["fp"], tot["fn"])
@@ -345,16 +349,27 @@ def aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:
     by_loc = {}
     for loc in LOCATIONS:
         rs = [r for r in results if r["location"] == loc]
-        s = _scores(sum(lab["caught"] for r in rs for lab in r["labels"]), sum(sp["fp"] for r in rs for sp in r["spans"]),
-                    sum(not lab["caught"] for r in rs for lab in r["labels"]))
+        labs = [lab for r in rs for lab in r["labels"] if lab["category"] not in exclude]
+        s = _scores(sum(lab["caught"] for lab in labs), sum(sp["fp"] for r in rs for sp in r["spans"]),
+                    sum(not lab["caught"] for lab in labs))
         s["cases"] = len(rs)
         by_loc[loc] = s
+    # recall of each family in each placement: "caught/labels"
+    cell: dict[str, Counter] = {}
+    for r in results:
+        for lab in r["labels"]:
+            cc = cell.setdefault(lab["category"], Counter())
+            cc[(r["location"], "n")] += 1
+            cc[(r["location"], "caught")] += lab["caught"]
+    by_family_location = {fam: {loc: f"{cc[(loc, 'caught')]}/{cc[(loc, 'n')]}" for loc in LOCATIONS if cc[(loc, "n")]}
+                          for fam, cc in sorted(cell.items(), key=lambda kv: _PRIO.get(kv[0], 99))}
     ids = lambda pred: sorted(r["id"] for r in results if pred(r))  # noqa: E731
     return {
         "cases": {"total": len(results), **{k: sum(r["kind"] == k for r in results) for k in KINDS}},
         "categories": categories,
         "micro": micro,
         "by_location": by_loc,
+        "by_family_location": by_family_location,
         "benign_code": group(lambda r: r["category"] == BENIGN_GROUP),
         "fp_vectors": group(lambda r: r["kind"] == "fp"),
         "checks": {
@@ -368,6 +383,20 @@ def aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:
             "benign_changed": ids(lambda r: r["kind"] != "tp" and r["changed"]),
         },
     }
+
+
+def measure(cases: list[dict], params: str | Path = ROOT / "params.yaml",
+            disable: Iterable[str] = ()) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(per-case results, metrics) with the params' redactor; plus, when params leave redact.names
+    off, what turning it on would do (`with_names`)."""
+    redactor = make_redactor(params, disable)
+    results = evaluate(cases, redactor)
+    metrics = aggregate(results, exclude=() if redactor.names else NAME_FAMILIES)
+    metrics["names_param"] = redactor.names
+    metrics["excluded_from_totals"] = [] if redactor.names else list(NAME_FAMILIES)
+    if not redactor.names:
+        metrics["with_names"] = names_summary(evaluate(cases, make_redactor(params, disable, names=True)))
+    return results, metrics
 
 
 def names_summary(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -410,13 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--disable", action="append", default=[], help="also disable this detector (experiments; repeatable)")
     ap.add_argument("--details", action="store_true", help="print every miss and false positive")
     a = ap.parse_args(argv)
-    cases = load_cases(a.cases)
-    redactor = make_redactor(a.params, a.disable)
-    results = evaluate(cases, redactor)
-    metrics = aggregate(results)
-    metrics["names_param"] = redactor.names
-    if not redactor.names:
-        metrics["with_names"] = names_summary(evaluate(cases, make_redactor(a.params, a.disable, names=True)))
+    results, metrics = measure(load_cases(a.cases), a.params, a.disable)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(dumps(metrics), encoding="utf-8")
     print(table(metrics))

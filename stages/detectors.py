@@ -320,6 +320,7 @@ _NULLISH = frozenset(
     " any object secretstr redacted masked hidden".split()
 )
 _MASK = frozenset("*•xX#.-_ ")
+_FILLER = re.compile(r"([xX0*#.])\1{7,}")
 _DOTTED = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+", re.A)
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*", re.A)
 _HEXISH = re.compile(r"[0-9a-fA-F\-]+")
@@ -362,6 +363,10 @@ def _plausible_value(v: str, kind: str, bare: bool, nxt: str) -> bool:
         return False
     if v[0] in "[(*" and _MASK_WORD.fullmatch(v):
         return False
+    if v.endswith(("...", "…")) and len(v.rstrip(".…")) <= 8:
+        return False  # `sk-...`, `ghp_…`: an elided value in docs or a log
+    if len(v) >= 12 and _FILLER.search(v):
+        return False  # `ghp_xxxxxxxxxxxx`, `sk-00000000...`: a documentation placeholder
     lv = v.lower()
     if lv in _NULLISH or "environ" in lv or "getenv" in lv or "process.env" in lv:
         return False
@@ -475,6 +480,9 @@ def _after_nul(low: bytes, lo: int, i: int) -> int:
 
 
 _DOC_DOMAINS = ("example.com", "example.org", "example.net")
+# `icon@2x.png`, `pkg@1.2.3.tgz`: file names, not addresses (none of these is a TLD people mail at)
+_FILE_EXTS = frozenset("png jpg jpeg gif svg webp ico bmp pdf txt md js mjs ts tsx jsx css scss html htm json yaml yml "
+                       "xml zip gz tgz tar lock log py rb go rs java class jar whl map wasm".split())
 _DOC_TLDS = ("example", "test", "invalid", "localhost")
 
 
@@ -533,7 +541,7 @@ class Redactor:
         if len(key) > 64 or not value:
             return None
         stem = key.lower().rstrip("0123456789_-")
-        if self.names and stem.replace("-", "_") in _PERSON_KEYS:
+        if self.names and "person_name" in self._on and stem.replace("-", "_") in _PERSON_KEYS:
             return ("person_name", "NAME") if names.is_person(value, stem) else None
         header = _HEADER_KEYS.get(stem.replace("_", "-"))
         if header is not None:  # `{"Authorization": "Basic ..."}`, `{"Cookie": "sid=..."}` (HAR, fetch args)
@@ -749,7 +757,8 @@ class Redactor:
                     else None
                 )
                 stop = fm.end() if fm else _PEM_BODY.match(text, m.end()).end()
-                self._add(out, m.start(), stop, "private_key")
+                if stop > m.end():  # a header quoted in prose, with no key material, is not a key
+                    self._add(out, m.start(), stop, "private_key")
                 pos = stop
         if "hooks.slack.com/" in text:
             for m in _SLACK_HOOK.finditer(text):
@@ -803,6 +812,12 @@ class Redactor:
             return  # `sk-some-long-kebab-name` is not a key
         if det == "huggingface_token" and (body.islower() or body.isupper()):
             return  # `hf_` + an identifier
+        if len(set(body)) < 5:
+            return  # `ghp_xxxxxxxx...`: a documentation placeholder, not a token
+        if det == "slack_token" and not any(c.isdigit() for c in body):
+            return  # `xoxo-hugs-and-kisses`: every Slack token carries numeric ids
+        if det == "ds_telegram" and m.group().split(":", 1)[-1].islower():
+            return  # `20260425:release-candidate-...`: a build tag (a bot token's secret is mixed case)
         self._add(out, m.start(), m.end(), det)
 
     def _numbers(self, text: str, shape: bytes, out: list[_Cand]) -> None:
@@ -906,7 +921,8 @@ class Redactor:
                         local = text[ls:at]
                         # `git@github.com:org/repo` is a service account, and user:pass@host is a URL.
                         if (ls < at and local != "git" and not _in_url_userinfo(text, ls)
-                                and not (self.keep_documentation_emails and _doc_domain(dom.group()))):
+                                and not (self.keep_documentation_emails and _doc_domain(dom.group()))
+                                and dom.group().rsplit(".", 1)[-1].lower() not in _FILE_EXTS):
                             self._add(out, ls, dom.end(), "email")
             at = text.find("@", at + 1)
 
@@ -955,6 +971,8 @@ class Redactor:
             if ks and text[ks - 1] == "<" and text.startswith(">", ke) and PLACEHOLDER_RE.fullmatch(text, ks - 1, ke + 1):
                 continue  # `<API_KEY_1>` is our own placeholder, not a key name
             key = text[ks:ke]
+            if text.find("-----", i, ke + 5) >= 0:
+                continue  # `-----BEGIN PUBLIC KEY-----`: a PEM header, not a key name
             kind, context = _key_kind(key, i - ks)
             if not context:
                 continue  # a later root may still end this key: `auth_token`

@@ -163,8 +163,18 @@ TRUE_POSITIVES = [
     ("secret_assignment", "PASSWORD", "export PGPASSWORD=s3cretPGpw", "s3cretPGpw"),
     ("secret_assignment", "PASSWORD", "p\u0430ssword=Hom0glyphPw and pass\u200bword=ZeroWidthPw1", "Hom0glyphPw"),
 ]
-# Found only from a record's structure or the team's list, never by a scan of one string.
-STRUCTURAL_ONLY = {"canary"}
+# Found only from a record's structure or the team's list, never by a scan of one string; and the
+# name families, which only params redact.names turns on (tested below with names=True).
+STRUCTURAL_ONLY = {"canary", "person_name", "street_address"}
+NAME_VECTORS = [
+    ("person_name", "NAME", "Hi, my name is Priya Raman and I need a refund", "Priya Raman"),
+    ("person_name", "NAME", "Dear John Smith,\nyour order shipped", "John Smith"),
+    ("person_name", "NAME", "Thanks!\nRegards,\nMaria Gonzalez", "Maria Gonzalez"),
+    ("street_address", "ADDRESS", "ship to 1600 Pennsylvania Ave NW, Washington, DC 20500 today", "1600 Pennsylvania"),
+    ("street_address", "ADDRESS", "I live at 221B Baker Street, London NW1 6XE", "Baker Street"),
+]
+NAME_LOOKALIKES = ["The Order Service failed", "Hello World program", "Name: string, required", "chapter 7 Deep Learning",
+                   "error 404 Not Found", "Dear team, the build is green"]
 
 FALSE_POSITIVES = [
     "src/stages/redact.py",
@@ -242,6 +252,19 @@ def test_true_positive(detector, kind, text, secret):
     out = R.redact(text, Placeholders())
     assert secret not in out, out
     assert f"<{kind}_1>" in out, out
+
+
+@pytest.mark.parametrize("detector,kind,text,secret", NAME_VECTORS)
+def test_names_and_addresses_with_the_param(detector, kind, text, secret):
+    rn = Redactor(names=True)
+    assert detector in {f.detector for f in rn.scan(text)}
+    assert secret not in rn.redact(text, Placeholders())
+    assert R.scan(text) == [] or detector not in {f.detector for f in R.scan(text)}  # off by default
+
+
+@pytest.mark.parametrize("text", NAME_LOOKALIKES + FALSE_POSITIVES)
+def test_names_param_keeps_look_alikes(text):
+    assert Redactor(names=True).scan(text) == []
 
 
 @pytest.mark.parametrize("text", FALSE_POSITIVES)
