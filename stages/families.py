@@ -329,6 +329,9 @@ def _obfuscated_email(text: str, i: int, bracketed: bool, add: Add) -> None:
 _GEO_WORDS = re.compile(r"gps|seen at|located at|lives|my location|current location|last known|whereabouts", re.I)
 
 
+_MAP_WORDS = re.compile(r"lat|lon|lng|loc|coord|gps|position|geo|map|place|@|ll=|q=", re.I)
+
+
 def latlon(text: str, shape: bytes, add: Add) -> None:
     """`51.50735, -0.12776`: two decimal degrees with >= 4 decimals each, in range."""
     h = shape.find(b"0.0000")
@@ -340,8 +343,11 @@ def latlon(text: str, shape: bytes, add: Add) -> None:
             s -= 1
         m = _LATLON.match(text, s)
         if m and abs(float(m.group(1))) <= 90 and abs(float(m.group(2))) <= 180 and (s == 0 or not text[s - 1].isalnum()) and (
-                min(len(m.group(1).split(".")[1]), len(m.group(2).split(".")[1])) >= 5
-                or _GEO_WORDS.search(text, max(0, s - 40), s)):
+                _GEO_WORDS.search(text, max(0, s - 40), s) or (
+                    min(len(m.group(1).split(".")[1]), len(m.group(2).split(".")[1])) >= 5
+                    # `0.734512,0.812345` in a CSV of losses is not a place: written without a space,
+                    # a pair needs a map context (`"loc":`, `@`, `ll=`, `coords`)
+                    and (" " in m.group() or "°" in m.group() or _MAP_WORDS.search(text, max(0, s - 24), s)))):
             add(m.start(), m.end(), "geo")
             h = shape.find(b"0.0000", m.end())
             continue
