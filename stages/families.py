@@ -441,8 +441,8 @@ _PCT_RUN = re.compile(r"(?:%[0-9A-Fa-f]{2}|[A-Za-z0-9._~+\-=&:/@!$'()*,;])*%[0-9
 def b64_text(run: str) -> str | None:
     """The text a base64 (or base64url) run decodes to, when it is printable text; else None."""
     body = run.rstrip("=")
-    if len(body) % 4 == 1 or not (any(c.isupper() for c in body) and any(c.islower() for c in body)):
-        return None
+    if len(body) % 4 == 1 or body.lower() == body or body.upper() == body:
+        return None  # base64 of text has both cases; identifiers in one case are not base64
     pad = "=" * (-len(body) % 4)
     try:
         raw = (base64.urlsafe_b64decode if ("-" in body or "_" in body) else base64.b64decode)(body + pad)

@@ -187,8 +187,10 @@ def _keyed_secrets(data: bytes, hidden: bool, redactor: Redactor, fields: dict[s
     replaced wherever it occurs in the record (prose, arguments, results, metadata, dict keys)."""
     found = [(c, "canary", "SECRET") for c, lit in canaries if lit in data]
     low = data.lower()
-    if any(r in low for r in _ROOTS):
-        found += _members(_KEYED, data, low, hidden, redactor)
+    for r in _ROOTS:
+        if r in low:
+            found += _members(_KEYED, data, low, hidden, redactor)
+            break
     if redactor.names:  # `"full_name": "Jane Doe"`, `"customer": "..."` (params redact.names)
         found += _members(_PERSON_KEYED, data, low, hidden, redactor)
     if fields is not None and _STRUCT.search(low):
