@@ -320,10 +320,24 @@ _NULLISH = frozenset(
     " any object secretstr redacted masked hidden".split()
 )
 _MASK = frozenset("*•xX#.-_ ")
+# More lower-case words up to the line's end after a bare password: a passphrase of several words.
+_PHRASE = re.compile(r"(?:[ \t]+[a-z]{2,24}){2,7}(?=[ \t]*(?:$|[\r\n\x00.,;\"'`)]))", re.M)
+_PROSE_WORDS = frozenset("the a an and or but then for to in on at of with from by is are was be it this that "
+                         "run make use try please so if not no yes".split())
 _FILLER = re.compile(r"([xX0*#.])\1{7,}")
 _DOTTED = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+", re.A)
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*", re.A)
 _HEXISH = re.compile(r"[0-9a-fA-F\-]+")
+_HEX_SECRET = re.compile(r"(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]+|(?=[0-9A-F]*[A-F])(?=[0-9A-F]*[0-9])[0-9A-F]+")
+
+
+# Only separators (and `is`) between the word and a hex value: `secret sauce: <sha>` is a digest.
+_HEX_GAP = re.compile(r"""[ \t"':=>]{0,4}(?:is[ \t]+|was[ \t]+)?""")
+
+
+def _strong_key(key: str) -> bool:
+    k = key.lower()
+    return any(w in k for w in ("token", "secret", "password", "passwd", "apikey", "api_key", "api-key", "signing"))
 _B64 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
 
 
@@ -552,6 +566,8 @@ class Redactor:
             return None
         if "secret_assignment" not in self._on:
             return None
+        if stem.endswith("private_key_id") and _plausible_value(value, "SECRET", False, ""):
+            return "secret_assignment", "SECRET"  # a GCP service-account key's id
         for word in sorted((w for w in _KEY_WORDS if stem.endswith(w)), key=len, reverse=True):
             kind, context = _key_kind(key, len(stem) - len(word))
             if not context:
@@ -647,7 +663,7 @@ class Redactor:
         add = self._adder(text, out)
         if b"cookie" in low:
             families.cookies(text, low, add)
-        if b"curl" in low or b"mysql" in low:
+        if b"curl" in low or b"mysql" in low or b"docker" in low:
             families.commands(text, low, add)
         if "?" in text:
             families.query_secrets(text, add)
@@ -984,7 +1000,11 @@ class Redactor:
                     nxt = text[m.end()] if m.end() < n else ""
                     v = m.group(g)
                     if _plausible_value(v, kind, g == "bare", nxt):
-                        self._add(out, m.start(g), m.end(g), "secret_assignment", kind)
+                        end = m.end(g)
+                        if kind == "PASSWORD" and g == "bare" and v.isalpha() and v.islower() and (
+                                w := _PHRASE.match(text, end)) and not set(w.group().split()) & _PROSE_WORDS:
+                            end = w.end()  # `passphrase: correct horse battery staple`
+                        self._add(out, m.start(g), end, "secret_assignment", kind)
                         if self._aws_secret(v, key, low, ks, ke):
                             self._add(out, m.start(g), m.end(g), "aws_secret_key")
                         continue  # the value is covered; the window would only find it again
@@ -1040,6 +1060,12 @@ class Redactor:
                 and len(set(t)) >= 12
                 and _entropy(t) >= self.entropy_threshold
             ):
+                self._add(out, s, e, "entropy")
+            elif ("entropy" in self._on and 32 <= len(t) <= 128 and _HEX_SECRET.fullmatch(t)
+                  and (_strong_key(key) or low.endswith((b"api ", b"access ", b"secret ", b"signing "), 0, ks))
+                  and _HEX_GAP.fullmatch(text, ke, s)):
+                # a hex secret after a secret word (`twilio auth token 3f9a...`, `webhook secret: ...`);
+                # only after token/secret/password/api key, never after a bare `key` (a cache key, a SHA)
                 self._add(out, s, e, "entropy")
 
     def _bearer(self, text: str, i: int, after: int, rx: re.Pattern, out: list[_Cand]) -> None:
@@ -1159,6 +1185,11 @@ def _walk(obj: object, r: "Redactor", out: list) -> None:
             if (hit := r.key_value(k, v)) is not None:
                 out.append((v, *hit))
             continue
+        if k.lower() == "cookies" and isinstance(v, list) and "cookie" in r._on:  # HAR: [{"name", "value"}]
+            for c in v:
+                cv = c.get("value") if isinstance(c, dict) else None
+                if isinstance(cv, str) and len(cv) >= 8 and _looks_random(cv) and _plausible_value(cv, "TOKEN", False, ""):
+                    out.append((cv, "cookie", "COOKIE"))
         if isinstance(v, dict):
             for f in _SCHEMA_FIELDS:
                 sv = v.get(f)

@@ -169,6 +169,7 @@ def putty(text: str, add: Add) -> None:
 # --------------------------------------------------------------------------- password syntax
 
 _MYSQL = re.compile(r"(?:mysql|mysqldump|mysqladmin|mysqlsh|mysqlimport)\b[^\r\n|;&]{0,256}?[ \t]-p([^\s'\"]{2,256}|'[^'\r\n]{1,256}'|\"[^\"\r\n]{1,256}\")")
+_DOCKER = re.compile(r"docker[ \t]+login\b[^\r\n|;&]{0,256}?[ \t](?:-p|--password)[ \t=]+('[^'\r\n]{1,256}'|\"[^\"\r\n]{1,256}\"|[^\s'\"]{1,256})")
 _SSHPASS = re.compile(r"sshpass[ \t]+(?:-[a-oq-zA-Z][ \t]+\S+[ \t]+)*-p[ \t]*('[^'\r\n]{1,256}'|\"[^\"\r\n]{1,256}\"|[^\s'\"]{1,256})")
 _HTPASSWD = re.compile(r"htpasswd[ \t]+-[a-zA-Z]*b[a-zA-Z]*(?:[ \t]+-[a-zA-Z]+)*[ \t]+\S+[ \t]+\S+[ \t]+('[^'\r\n]{1,256}'|\"[^\"\r\n]{1,256}\"|[^\s'\"]{1,256})")
 _CURL_U = re.compile(r"(?:[ \t]-u[ \t]*|[ \t]--user[ \t=]+|[ \t]--proxy-user[ \t=]+)['\"]?([^\s:'\"@]{1,128}):([^\s'\"]{1,256})")
@@ -179,6 +180,11 @@ _XML = re.compile(r"<((?:[A-Za-z_][\w.\-]{0,40}:)?[A-Za-z_]{0,20}pass(?:word|wd|
 _PROSE_PW = re.compile(r"password(?: for [\w.@\-]{1,64})?(?: is| was| will be|:)[ \t]+(?:\"([^\"\r\n]{2,128})\"|'([^'\r\n]{2,128})'|`([^`\r\n]{2,128})`)", re.I)
 
 
+_PROSE_PW_WORD = re.compile(r"password(?: for [\w.@\-]{1,64})?(?: is| was| will be| would be| is now| became)[ \t]+([^\s\"'`,;]{4,64}?)[.,;:!?)]?(?=\s|$)", re.I)
+_PW_WORDS = frozenset("wrong incorrect correct invalid expired required missing empty blank null none weak strong "
+                      "changed reset same different".split())
+
+
 def _unquote(m: re.Match, g: int) -> tuple[int, int]:
     s, e = m.span(g)
     if e - s >= 2 and m.group(g)[0] in "'\"" and m.group(g)[-1] == m.group(g)[0]:
@@ -187,7 +193,11 @@ def _unquote(m: re.Match, g: int) -> tuple[int, int]:
 
 
 def commands(text: str, low: bytes, add: Add) -> None:
-    """`mysql -pX`, `curl -u user:X`, `curl -b 'sid=X'`."""
+    """`mysql -pX`, `docker login -p X`, `curl -u user:X`, `curl -b 'sid=X'`."""
+    if b"docker" in low:
+        for m in _DOCKER.finditer(text):
+            if not m.group(1).startswith(("$", "<")):
+                add(*_unquote(m, 1), "password_cli")
     if b"mysql" in low:
         for m in _MYSQL.finditer(text):
             if not (m.start() and text[m.start() - 1].isalnum()):
@@ -233,6 +243,13 @@ def pass_context(text: str, low: bytes, i: int, add: Add) -> None:
         v = m.group(g)
         if " " in v.strip() and not v.startswith(("$", "<", "{")):  # one word is secret_assignment's
             add(m.start(g), m.end(g), "password_cli")
+        return
+    m = _PROSE_PW_WORD.match(text, i)  # `the password is hunter2`, `my password was Tr0ub4dor`
+    if m:
+        v = m.group(1)
+        if (any(c.isdigit() for c in v) or not v.isalnum() or (not v.islower() and not v.istitle())) and \
+                not v.startswith(("$", "<", "{", "*", "[")) and v.lower() not in _PW_WORDS:
+            add(m.start(1), m.end(1), "password_cli")
 
 
 # --------------------------------------------------------------------------- PII
@@ -252,7 +269,8 @@ _OBF_AT = re.compile(r"[ \t]*(?:\[at\]|\(at\)|\{at\}|<at>|\[@\]|\(@\)|at)[ \t]*"
 _OBF_DOMAIN = re.compile(
     r"(?:[A-Za-z0-9\-]{1,63}[ \t]*(?:\[dot\]|\(dot\)|\{dot\}|<dot>|[ \t]dot[ \t]|\.)[ \t]*){1,4}"
     r"(?:com|org|net|io|co|uk|de|fr|edu|gov|info|biz|me|us|ca|au|in|nl|es|it|jp|ch|se|dev|app|ai)(?![A-Za-z0-9])", re.I)
-_OBF_LOCAL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._%+\-]{0,63}$")
+_OBF_LOCAL = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._%+\-]{0,63}(?:[ \t]+dot[ \t]+|[ \t]*[\[({<]dot[\])}>][ \t]*))*"
+                        r"[A-Za-z0-9][A-Za-z0-9._%+\-]{0,63}$", re.I)
 _OBF_MARKS = (b" at ", b"[at]", b"(at)", b"{at}", b"<at>", b"[@]", b"(@)")
 _NOT_LOCAL = frozenset("look looking the a an this that it me us them him her you we they".split())
 
@@ -312,7 +330,7 @@ def _obfuscated_email(text: str, i: int, bracketed: bool, add: Add) -> None:
     j = i
     while j > 0 and text[j - 1] in " \t":
         j -= 1
-    lm = _OBF_LOCAL.search(text, max(0, j - 64), j)
+    lm = _OBF_LOCAL.search(text, max(0, j - 100), j)
     if lm is None or lm.group().lower() in _NOT_LOCAL:
         return
     at = _OBF_AT.match(text, lm.end())
