@@ -335,6 +335,18 @@ _HEX_SECRET = re.compile(r"(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]+|(?=[0-9
 _HEX_GAP = re.compile(r"""[ \t"':=>]{0,4}(?:is[ \t]+|was[ \t]+)?""")
 
 
+def _pii_key(stem: str, value: str) -> tuple[str, str] | None:
+    """`{"birthdate": "1990-05-15"}`, `{"passport_no": "X1234567"}`, `{"ssn": "123456789"}`: PII whose
+    key names it, as the scan would find it after the word."""
+    if "birth" in stem or stem in ("dob", "date_of_birth", "birthday", "bday"):
+        return ("dob", "DOB") if families.date_value(value) else None
+    if "passport" in stem:
+        return ("passport", "PASSPORT") if families.passport_value(value) else None
+    if stem in ("ssn", "social_security_number", "social_security", "ssn_number"):
+        return ("ssn", "SSN") if families.ssn_value(value) else None
+    return None
+
+
 def _strong_key(key: str) -> bool:
     k = key.lower()
     return any(w in k for w in ("token", "secret", "password", "passwd", "apikey", "api_key", "api-key", "signing"))
@@ -377,7 +389,7 @@ def _plausible_value(v: str, kind: str, bare: bool, nxt: str) -> bool:
         return False
     if v[0] in "[(*" and _MASK_WORD.fullmatch(v):
         return False
-    if v.endswith(("...", "…")) and len(v.rstrip(".…")) <= 8:
+    if v.endswith(("..", "…")) and len(v.rstrip(".…")) <= 8:
         return False  # `sk-...`, `ghp_…`: an elided value in docs or a log
     if len(v) >= 12 and _FILLER.search(v):
         return False  # `ghp_xxxxxxxxxxxx`, `sk-00000000...`: a documentation placeholder
@@ -566,6 +578,9 @@ class Redactor:
             return None
         if "secret_assignment" not in self._on:
             return None
+        pii = _pii_key(stem, value)
+        if pii is not None:
+            return pii if pii[0] in self._on else None
         if stem.endswith("private_key_id") and _plausible_value(value, "SECRET", False, ""):
             return "secret_assignment", "SECRET"  # a GCP service-account key's id
         for word in sorted((w for w in _KEY_WORDS if stem.endswith(w)), key=len, reverse=True):
@@ -999,8 +1014,10 @@ class Redactor:
                     g = m.lastgroup
                     nxt = text[m.end()] if m.end() < n else ""
                     v = m.group(g)
+                    trim = 1 if g == "bare" and len(v) > 1 and v[-1] in ".!?" and (not nxt or nxt.isspace()) else 0
+                    v = v[:len(v) - trim]  # `your new password: x9Kq2. Please...`: the full stop ends the sentence
                     if _plausible_value(v, kind, g == "bare", nxt):
-                        end = m.end(g)
+                        end = m.end(g) - trim
                         if kind == "PASSWORD" and g == "bare" and v.isalpha() and v.islower() and (
                                 w := _PHRASE.match(text, end)) and not set(w.group().split()) & _PROSE_WORDS:
                             end = w.end()  # `passphrase: correct horse battery staple`

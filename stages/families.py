@@ -254,6 +254,18 @@ def pass_context(text: str, low: bytes, i: int, add: Add) -> None:
 
 # --------------------------------------------------------------------------- PII
 
+# Context windows never cross the batch separator's NUL: what is found in a string depends on that
+# string alone (stages.redact's clean cache and batched scans rest on it).
+def _ahead(text: str, i: int, n: int) -> int:
+    z = text.find("\x00", i, i + n)
+    return min(len(text), i + n) if z < 0 else z
+
+
+def _behind(text: str, i: int, n: int) -> int:
+    z = text.rfind("\x00", max(0, i - n), i)
+    return max(0, i - n) if z < 0 else z + 1
+
+
 _MONTHS = r"(?:jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec)[a-z]{0,6}\.?"
 _DATE = re.compile(
     rf"(?:\d{{4}}[-/.]\d{{1,2}}[-/.]\d{{1,2}}|\d{{1,2}}[-/.]\d{{1,2}}[-/.]\d{{2,4}}|\d{{1,2}}(?:st|nd|rd|th)?[ \t]+{_MONTHS}[ \t,]+\d{{4}}|{_MONTHS}[ \t]+\d{{1,2}}(?:st|nd|rd|th)?,?[ \t]+\d{{4}})",
@@ -284,14 +296,14 @@ def pii(text: str, low: bytes, add: Add) -> None:
             j = i + len(w)
             # a word of its own (`DOB:`, `born`, `birth date`), not `dobrba`, `stubborn`
             if not (i and low[i - 1:i].isalpha()) and not (w != b"birth" and low[j:j + 1].isalpha()):
-                m = _DATE.search(text, j, min(len(text), j + 40))
+                m = _DATE.search(text, j, _ahead(text, j, 40))
                 # only a few words may sit between: `DOB: x`, `born on x`, `date of birth is x`
                 if m and set(_WORD.findall(low[j:m.start()].decode("latin-1"))) <= _DOB_GAP:
                     add(m.start(), m.end(), "dob")
             i = low.find(w, j)
     i = low.find(b"passport")
     while i >= 0:
-        for m in _PASSPORT.finditer(text, i + 8, min(len(text), i + 48)):
+        for m in _PASSPORT.finditer(text, i + 8, _ahead(text, i + 8, 40)):
             if any(c.isdigit() for c in m.group()):
                 add(m.start(), m.end(), "passport")
                 break
@@ -299,13 +311,13 @@ def pii(text: str, low: bytes, add: Add) -> None:
     for w in (b"ssn", b"social sec"):
         i = low.find(w)
         while i >= 0:
-            m = _SSN_PLAIN.search(text, i + len(w), min(len(text), i + len(w) + 32))
+            m = _SSN_PLAIN.search(text, i + len(w), _ahead(text, i + len(w), 32))
             if m:
                 add(m.start(), m.end(), "ssn")
             i = low.find(w, i + len(w))
     i = low.find(b"mac")
     while i >= 0:  # `aa-bb-cc-dd-ee-ff` near mac/macaddress (the colon form is found without a word)
-        for m in _MAC.finditer(text, i, min(len(text), i + 80)):
+        for m in _MAC.finditer(text, i, _ahead(text, i, 80)):
             add(m.start(), m.end(), "mac_address")
         i = low.find(b"mac", i + 3)
     if b" dot " in low or b"[at]" in low or b"(at)" in low:
@@ -314,6 +326,19 @@ def pii(text: str, low: bytes, add: Add) -> None:
             while i >= 0:
                 _obfuscated_email(text, i + (1 if mark == b" at " else 0), mark != b" at ", add)
                 i = low.find(mark, i + len(mark))
+
+
+def date_value(v: str) -> bool:
+    return len(v) <= 40 and _DATE.fullmatch(v.strip()) is not None
+
+
+def passport_value(v: str) -> bool:
+    v = v.strip()
+    return _PASSPORT.fullmatch(v) is not None and any(c.isdigit() for c in v)
+
+
+def ssn_value(v: str) -> bool:
+    return _SSN_PLAIN.fullmatch(v.strip()) is not None or re.fullmatch(r"\d{3}-\d{2}-\d{4}", v.strip()) is not None
 
 
 def mac_at(text: str, i: int, add: Add) -> bool:
@@ -361,11 +386,11 @@ def latlon(text: str, shape: bytes, add: Add) -> None:
             s -= 1
         m = _LATLON.match(text, s)
         if m and abs(float(m.group(1))) <= 90 and abs(float(m.group(2))) <= 180 and (s == 0 or not text[s - 1].isalnum()) and (
-                _GEO_WORDS.search(text, max(0, s - 40), s) or (
+                _GEO_WORDS.search(text, _behind(text, s, 40), s) or (
                     min(len(m.group(1).split(".")[1]), len(m.group(2).split(".")[1])) >= 5
                     # `0.734512,0.812345` in a CSV of losses is not a place: written without a space,
                     # a pair needs a map context (`"loc":`, `@`, `ll=`, `coords`)
-                    and (" " in m.group() or "°" in m.group() or _MAP_WORDS.search(text, max(0, s - 24), s)))):
+                    and (" " in m.group() or "°" in m.group() or _MAP_WORDS.search(text, _behind(text, s, 24), s)))):
             add(m.start(), m.end(), "geo")
             h = shape.find(b"0.0000", m.end())
             continue

@@ -174,6 +174,7 @@ _KEYED = re.compile(rb'(?:pass|pwd|secret|token|key|auth|cred|cookie)[^"]{0,64}"
 _STRUCT = re.compile(rb'"(?:default|example|examples|const|enum)":|"(?:name|key|header|variable|env|field|param|label)":"[^"]{0,80}(?:pass|pwd|secret|token|key|auth|cred|cookie)')
 
 
+_PII_KEYED = re.compile(rb'(?:birth|dob|passport|ssn|social_security)[a-z_\-]{0,20}":"')
 _PERSON_KEYED = re.compile(rb'(?:name|customer|contact|patient|recipient|author|assignee|owner|holder)":"')
 
 
@@ -191,6 +192,8 @@ def _keyed_secrets(data: bytes, hidden: bool, redactor: Redactor, fields: dict[s
         if r in low:
             found += _members(_KEYED, data, low, hidden, redactor)
             break
+    if b"birth" in low or b"dob" in low or b"passport" in low or b"ssn" in low:  # `{"birthdate": "1990-05-15"}`
+        found += _members(_PII_KEYED, data, low, hidden, redactor)
     if redactor.names:  # `"full_name": "Jane Doe"`, `"customer": "..."` (params redact.names)
         found += _members(_PERSON_KEYED, data, low, hidden, redactor)
     if fields is not None and _STRUCT.search(low):

@@ -84,3 +84,18 @@ def test_rule_sets_report_their_versions():
     rs = rule_sets()
     assert rs["providers"]["rules"] >= 20 and rs["providers"]["version"]
     assert rs["phonenumbers"]["version"] != "missing" and rs["detect_secrets"]["version"] != "missing"
+
+
+def test_context_never_crosses_from_one_string_to_the_next():
+    """A context word ending one string (a dict key) never makes the next string (its value) a finding:
+    what is found in a string depends on that string alone (the clean cache and batched scans rest on it)."""
+    from stages.detectors import BATCH_SEP
+
+    pairs = [("birthdate", "1990-05-15"), ("dob", "03/12/1984"), ("passport", "X1234567"), ("ssn", "123456789"),
+             ("mac", "3c-22-fb-12-ab-9e"), ("gps location", "51.5074, -0.1278"), ("phone", "0123456789"),
+             ("my name is", "Priya Raman"), ("password", "hunter22"), ("twilio auth token", "3f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c")]
+    for names in (False, True):
+        r = Redactor(names=names)
+        for a, b in pairs:
+            joined = BATCH_SEP.join([a, b])
+            assert [f for f in r.scan(joined) if f.start >= len(a)] == [], (a, b)
