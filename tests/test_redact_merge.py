@@ -3,6 +3,7 @@ replacements with no raw value left: the regression for the glaive leak (issue 1
 from __future__ import annotations
 
 import json
+import re
 
 import orjson
 import pytest
@@ -149,9 +150,17 @@ def test_settle_many_across_strings_keeps_each_string_separate():
 
 @pytest.mark.skipif(not GLAIVE.exists(), reason="needs ../shared")
 def test_the_whole_glaive_sample_keeps_its_text_outside_the_replacements():
-    """Every line of the public file: no placeholder glued to another (the garbling signature)."""
+    """Every line of the public file: no placeholder glued to another (the garbling signature of
+    unsorted, overlapping findings) and no value its structure names secret."""
+    from stages.detectors import structural_secrets
+    from stages.redact import _arguments_json
+
     w = Worker(RedactParams(workers=1), TEST_KEY)
     lines = [(i, raw) for i, raw in enumerate(GLAIVE.read_bytes().splitlines(), 1) if raw.strip()]
-    for kind, payload, _ in w.block("traces/glaive.jsonl", "real", lines):
+    for (_, raw), (kind, payload, _) in zip(lines, w.block("traces/glaive.jsonl", "real", lines)):
         assert kind == "trace"
-        assert not __import__("re").search(rb"<[A-Z_]+_\d+><[A-Z_]+_\d+>", payload)
+        assert not re.search(rb"<[A-Z_]+_\d+><[A-Z_]+_\d+>", payload)
+        fields = normalize(parse_line(raw))
+        _arguments_json(fields["messages"])
+        for value, _, _ in structural_secrets(fields, R):  # every value its structure names secret is gone
+            assert value.encode() not in payload
