@@ -290,6 +290,8 @@ _KEY_PREFIXES = {"api": "API_KEY", "access": "SECRET", "private": "SECRET", "sig
 _KEY_PREFIX_SIZES = sorted({len(p) for p in _KEY_PREFIXES}, reverse=True)
 _GLUED_OK = frozenset({"password", "passwd", "passphrase", "passcode", "token", "secret", "secretkey", "key",
                        "credentials"})
+# Every key key_value can accept holds one of these (secret words, header names, PII words).
+_KEY_HINT = re.compile(r"pass|pwd|secret|token|key|auth|cred|cookie|sig|birth|dob|ssn|social")
 # JSON keys whose string value is a person's name (checked against the name lists: `names.is_person`).
 _PERSON_KEYS = frozenset("""name full_name fullname first_name firstname given_name last_name lastname surname family_name
 display_name displayname customer_name customer contact_name contact patient_name patient recipient_name
@@ -567,6 +569,8 @@ class Redactor:
         if len(key) > 64 or not value:
             return None
         stem = key.lower().rstrip("0123456789_-")
+        if not (_KEY_HINT.search(stem) or self.names):
+            return None  # most keys name nothing secret: one C-level search rules them out
         if self.names and "person_name" in self._on and stem.replace("-", "_") in _PERSON_KEYS:
             return ("person_name", "NAME") if names.is_person(value, stem) else None
         header = _HEADER_KEYS.get(stem.replace("_", "-"))
@@ -1169,6 +1173,7 @@ def _merge(cands: list[_Cand]) -> list[Finding]:
 # A field that names a value held by a sibling field: `{"name": "DB_PASSWORD", "value": "..."}`.
 _NAME_FIELDS = ("name", "key", "header", "variable", "env", "field", "param", "label", "Name", "Key")
 _VALUE_FIELDS = ("value", "Value", "val", "default", "secret", "data", "stringValue", "string_value")
+_VALUE_SET = frozenset(_VALUE_FIELDS)
 # Tool-schema members whose strings are sample values of the property that holds them.
 _SCHEMA_FIELDS = ("default", "example", "examples", "const", "enum")
 
@@ -1191,7 +1196,9 @@ def _walk(obj: object, r: "Redactor", out: list) -> None:
         return
     if not isinstance(obj, dict):
         return
-    name = next((obj[f] for f in _NAME_FIELDS if isinstance(obj.get(f), str)), None)
+    name = None
+    if obj.keys() & _VALUE_SET:  # a sibling-name pair needs a value field first: most objects have none
+        name = next((obj[f] for f in _NAME_FIELDS if isinstance(obj.get(f), str)), None)
     if name is not None and len(name) <= 64:
         for f in _VALUE_FIELDS:
             v = obj.get(f)

@@ -165,23 +165,22 @@ def _literals(fields: dict[str, Any]) -> tuple[list[bytes], bool, bool]:
 
 
 # An object member whose key holds a secret-ish root and whose value is a string, in orjson's compact
-# output (only keys end in `":"`). Most records hold no root at all: seven C-level finds rule them out.
-_ROOTS = (b"pass", b"pwd", b"secret", b"token", b"key", b"auth", b"cred", b"cookie")
-_KEYED = re.compile(rb'(?:pass|pwd|secret|token|key|auth|cred|cookie)[^"]{0,64}":"')
-# Where a secret's name is not its own key: `{"name": "AWS_SECRET_ACCESS_KEY", "value": "..."}` (env
-# lists, k8s env, HAR headers) and tool-schema `"api_key": {"default": "..."}`. Only records that hold
-# one of these shapes are walked in Python (detectors.structural_secrets).
-_STRUCT = re.compile(rb'"(?:default|example|examples|const|enum)":|"(?:name|key|header|variable|env|field|param|label)":"[^"]{0,80}(?:pass|pwd|secret|token|key|auth|cred|cookie)')
-
-
-_PII_KEYED = re.compile(rb'(?:birth|dob|passport|ssn|social_security)[a-z_\-]{0,20}":"')
+# output (only keys end in `":"`). Most records hold no root at all: a few C-level finds rule them out.
+# The same pass notes where a secret's name is not its own key, so that only those records are walked
+# in Python (detectors.structural_secrets): a root before `":{` (a tool-schema property whose `default`
+# or `example` is a sample value) or before `","value":` (`{"name": "DB_PASSWORD", "value": "..."}`:
+# env lists, k8s env, HAR headers).
+_ROOTS = (b"pass", b"pwd", b"secret", b"token", b"key", b"auth", b"cred", b"cookie", b"birth", b"dob", b"ssn")
+_KEYED = re.compile(rb'(?:pass|pwd|secret|token|key|auth|cred|cookie|birth|dob|ssn)[^"]{0,64}"'
+                    rb'(?::"|:\{|,"(?:value|val|default|secret|data|stringvalue|string_value)":)')
 _PERSON_KEYED = re.compile(rb'(?:name|customer|contact|patient|recipient|author|assignee|owner|holder)":"')
 
 
 def _keyed_secrets(data: bytes, hidden: bool, redactor: Redactor, fields: dict[str, Any] | None = None,
                    canaries: Sequence[tuple[str, bytes]] = ()) -> list[tuple[str, str, str]]:
-    """(value, detector, kind) for every value the record's structure names a secret: `"<secret-ish
-    key>": "<string>"` members, sibling-name pairs and schema defaults, and the team's canaries.
+    """(value, detector, kind) for every value the record's structure names secret: `"<secret-ish
+    key>": "<string>"` members, sibling-name pairs and schema defaults, PII named by its key
+    (`"birthdate"`), and the team's canaries.
 
     The detectors see one string at a time, so `{"password": "hunter2"}` (tool-call arguments, metadata)
     would pass: the key names the secret, the value alone looks like nothing. Each value found is then
@@ -190,21 +189,27 @@ def _keyed_secrets(data: bytes, hidden: bool, redactor: Redactor, fields: dict[s
     low = data.lower()
     for r in _ROOTS:
         if r in low:
-            found += _members(_KEYED, data, low, hidden, redactor)
+            members, nested = _members(_KEYED, data, low, hidden, redactor)
+            found += members
+            if nested and fields is not None:
+                found += structural_secrets(fields, redactor)
             break
-    if b"birth" in low or b"dob" in low or b"passport" in low or b"ssn" in low:  # `{"birthdate": "1990-05-15"}`
-        found += _members(_PII_KEYED, data, low, hidden, redactor)
     if redactor.names:  # `"full_name": "Jane Doe"`, `"customer": "..."` (params redact.names)
-        found += _members(_PERSON_KEYED, data, low, hidden, redactor)
-    if fields is not None and _STRUCT.search(low):
-        found += structural_secrets(fields, redactor)
+        found += _members(_PERSON_KEYED, data, low, hidden, redactor)[0]
     return found
 
 
-def _members(rx: re.Pattern, data: bytes, low: bytes, hidden: bool, redactor: Redactor) -> list[tuple[str, str, str]]:
-    """Redactor.key_value on every `"key":"string"` member whose key `rx` matches (in orjson's compact output)."""
-    found = []
+def _members(rx: re.Pattern, data: bytes, low: bytes, hidden: bool,
+             redactor: Redactor) -> tuple[list[tuple[str, str, str]], bool]:
+    """Redactor.key_value on every `"key":"string"` member whose key `rx` matches (in orjson's compact
+    output); and whether a match was a nested shape that needs the structural walk."""
+    found, nested = [], False
     for m in rx.finditer(low):
+        tail = m.group()[-2:]
+        if tail != b':"':
+            # a schema property (`"api_key":{`) matters only if the record has sample values at all
+            nested = nested or tail != b':{' or b'"default":' in low or b'"example' in low or b'"const":' in low
+            continue
         ks = low.rfind(b'"', 0, m.start()) + 1
         ve = data.find(b'"', m.end())
         if ks < 2 or data[ks - 2] not in b"{," or ve < 0:
@@ -214,7 +219,7 @@ def _members(rx: re.Pattern, data: bytes, low: bytes, hidden: bool, redactor: Re
         hit = redactor.key_value(key, value)
         if hit:
             found.append((value, *hit))
-    return found
+    return found, nested
 
 
 def _decode(json_text: bytes, hidden: bool) -> Any:
