@@ -646,7 +646,8 @@ class Redactor:
 
     def _scan(self, text: str) -> list[_Cand]:
         n = len(text)
-        if n < 20 and (n < 2 or text.isalpha() or not (_SHORT_HINT.search(text.lower()) or (self.names and " " in text))):
+        if n < 20 and (n < 2 or text.isalpha() or not (_SHORT_HINT.search(low_s := text.lower())
+                                                         or (self.names and names.SHORT_HINT.search(low_s)))):
             return []  # too short for any token run; this is most of a trace's strings (keys, roles)
         raw = text.encode("latin-1", "replace")  # one byte per char: offsets match the str
         out: list[_Cand] = []

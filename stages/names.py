@@ -57,6 +57,9 @@ def lists() -> tuple[frozenset[str], frozenset[str]]:
 
 # Each cue costs a pass over the text: the few that most often precede a name in agent traces.
 _CUES = (b"name", b"dear ", b"mr", b"ms", b"dr.", b"regards", b"customer", b"patient", b"contact", b"holder")
+# A string under 20 chars holds a name only after one of the cues (digits, for addresses, are
+# already a hint of the detectors' own).
+SHORT_HINT = re.compile(r"name|dear|mr|ms|dr\.|regards|customer|patient|contact|holder")
 _CUE_RX = re.compile(
     r"(?:my name is|name is|names?\\*[\"']?[ \t]*[:=]|full name|dear|hi|hello|mr\.?|mrs\.?|ms\.?|dr\.?|regards,?|sincerely,?|"
     r"customer|patient|contact|holder|signed,?|from:|cc:|attn:?|assignee:?|author:?)[\s\\\"':=,]{0,6}", re.I)

@@ -173,7 +173,10 @@ def _literals(fields: dict[str, Any]) -> tuple[list[bytes], bool, bool]:
 _ROOTS = (b"pass", b"pwd", b"secret", b"token", b"key", b"auth", b"cred", b"cookie", b"birth", b"dob", b"ssn")
 _KEYED = re.compile(rb'(?:pass|pwd|secret|token|key|auth|cred|cookie|birth|dob|ssn)[^"]{0,64}"'
                     rb'(?::"|:\{|,"(?:value|val|default|secret|data|stringvalue|string_value)":)')
-_PERSON_KEYED = re.compile(rb'(?:name|customer|contact|patient|recipient|author|assignee|owner|holder)":"')
+# Keys that hold a person (not a bare `name`: every tool and function has one).
+_PERSON_KEYED = re.compile(rb'"(?:full_?name|first_?name|given_name|last_?name|surname|family_name|display_?name|'
+                           rb'customer(?:_name)?|contact(?:_name)?|patient(?:_name)?|recipient_name|sender_name|author|'
+                           rb'assignee|owner_name|account_holder|card_?holder|employee_name|user_full_name)":"')
 
 
 def _keyed_secrets(data: bytes, hidden: bool, redactor: Redactor, fields: dict[str, Any] | None = None,
@@ -210,7 +213,7 @@ def _members(rx: re.Pattern, data: bytes, low: bytes, hidden: bool,
             # a schema property (`"api_key":{`) matters only if the record has sample values at all
             nested = nested or tail != b':{' or b'"default":' in low or b'"example' in low or b'"const":' in low
             continue
-        ks = low.rfind(b'"', 0, m.start()) + 1
+        ks = m.start() + 1 if low[m.start()] == 0x22 else low.rfind(b'"', 0, m.start()) + 1  # 0x22: the key's quote
         ve = data.find(b'"', m.end())
         if ks < 2 or data[ks - 2] not in b"{," or ve < 0:
             continue
