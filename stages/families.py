@@ -372,6 +372,7 @@ def _obfuscated_email(text: str, i: int, bracketed: bool, add: Add) -> None:
 _GEO_WORDS = re.compile(r"gps|seen at|located at|lives|my location|current location|last known|whereabouts", re.I)
 
 
+_HEMI = re.compile(r"[ \t]*[EW]\b")  # `37.7749 N, 122.4194 W`: a hemisphere letter says it is a place
 _MAP_WORDS = re.compile(r"lat|lon|lng|loc|coord|gps|position|geo|map|place|@|ll=|q=", re.I)
 
 
@@ -386,7 +387,7 @@ def latlon(text: str, shape: bytes, add: Add) -> None:
             s -= 1
         m = _LATLON.match(text, s)
         if m and abs(float(m.group(1))) <= 90 and abs(float(m.group(2))) <= 180 and (s == 0 or not text[s - 1].isalnum()) and (
-                _GEO_WORDS.search(text, _behind(text, s, 40), s) or (
+                _GEO_WORDS.search(text, _behind(text, s, 40), s) or "°" in m.group() or _HEMI.match(text, m.end()) or (
                     min(len(m.group(1).split(".")[1]), len(m.group(2).split(".")[1])) >= 5
                     # `0.734512,0.812345` in a CSV of losses is not a place: written without a space,
                     # a pair needs a map context (`"loc":`, `@`, `ll=`, `coords`)
