@@ -1,14 +1,18 @@
 """More detector families for stages/detectors.py (issue 10): the secrets and PII real agent traces
 carry beyond vendor tokens and `key=value`.
 
-Same speed rule as detectors.py: nothing scans a whole text with a pattern that starts with a
-character class. Each family starts from a literal `find` on the lower-cased bytes (`cookie`,
-`sshpass`, `passport`, ` dot `...) or from the digit spans detectors.py already located, and runs its
-exact pattern only there, bounded to the line. Findings are (start, end, detector[, kind]) added
-through the Redactor's `_add`, so disabled detectors and the overlap merge work as for the others.
+Same speed rule as detectors.py: no whole text is scanned with a pattern that starts with a character
+class. A family starts where detectors.py already is (a token run's start for provider rules, a
+`pass`/`auth` root hit for password syntax and Authorization, a digit span for national phone
+numbers, an IPv6-looking colon group for MAC addresses) or from one literal `find` on the lower-cased
+bytes (`cookie`, `mysql`, `passport`, ` dot `...), and runs its exact pattern only there, bounded to
+the line or a short window that never crosses the batch separator's NUL. Findings go through the
+Redactor's `_add`, so disabled detectors and the overlap merge work as for the others.
 
 Provider tokens with no pattern in detectors.py come from a rule file loaded as data
-(stages/rules/providers.json: id, literal keywords, regex), each gated on its keywords.
+(stages/rules/providers.json: id, prefixes, regex), tried only where a token starts with a prefix.
+Encodings: `fold_windows` (NFKC, zero-width characters, homoglyphs), `json_unescape` (JSON text held in
+a string) and `encoded_runs` (base64 and `%XX`) give text to scan again with offsets mapped back.
 """
 from __future__ import annotations
 
@@ -270,7 +274,6 @@ _MONTHS = r"(?:jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec)[a-z]{0,6}\.
 _DATE = re.compile(
     rf"(?:\d{{4}}[-/.]\d{{1,2}}[-/.]\d{{1,2}}|\d{{1,2}}[-/.]\d{{1,2}}[-/.]\d{{2,4}}|\d{{1,2}}(?:st|nd|rd|th)?[ \t]+{_MONTHS}[ \t,]+\d{{4}}|{_MONTHS}[ \t]+\d{{1,2}}(?:st|nd|rd|th)?,?[ \t]+\d{{4}})",
     re.I)
-_DOB_WORDS = (b"dob", b"born", b"birth", b"b-day", b"bday")
 _WORD = re.compile(r"[a-z]+")
 _DOB_GAP = frozenset("on is was date day of birth dob in the".split())
 _PASSPORT = re.compile(r"[A-Z0-9]{6,9}(?![A-Za-z0-9])")

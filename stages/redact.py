@@ -403,7 +403,7 @@ class Worker:
                                  keep_documentation_emails=params.keep_documentation_emails, names=params.names)
         self.cache = CleanCache()
         # Canaries are replaced wherever they occur (value-level defence); leaks still checks for them.
-        self.canaries = canary_literals(params.canaries)
+        self.canaries = canary_literals(params.canaries) if "canary" not in params.disabled_detectors else []
 
     def __call__(self, item: tuple[str, str, int, bytes]) -> tuple[str, bytes, dict]:
         rel, bucket, lineno, raw = item
