@@ -45,7 +45,14 @@ from stages.readers import normalize, normalize_arguments
 from stages.redact import _arguments_json, _arguments_text, _collect, _rebuild, redact_fields
 
 ROOT = Path(__file__).resolve().parents[1]
-LOCATIONS = ("message", "tool_args", "review_note")
+# Every place a trace holds a string: user and assistant text, the system prompt, tool-call arguments
+# (flat, or nested in objects and lists), tool results (plain text, JSON text, double-encoded JSON
+# text), tool schemas, metadata values and metadata keys, and the human review's notes.
+LOCATIONS = ("message", "assistant", "system", "tool_args", "tool_args_nested", "tool_result", "tool_result_json",
+             "tool_result_double", "tool_schema", "metadata", "dict_key", "review_note")
+_JSON_LOCATIONS = ("tool_args", "tool_args_nested", "tool_schema", "metadata", "dict_key")
+_ARG_LOCATIONS = ("tool_args", "tool_args_nested")
+_RESULT_LOCATIONS = ("tool_result", "tool_result_json", "tool_result_double")
 KINDS = ("tp", "fp", "benign")
 BENIGN_GROUP = "benign_code"
 BETA = 2.0
@@ -53,6 +60,8 @@ BETA = 2.0
 # detector family -> placeholder kinds that count as the right type
 FAMILY: dict[str, frozenset[str]] = {det: frozenset({kind}) for det, kind in _KINDS.items()}
 FAMILY["secret_assignment"] = frozenset({"PASSWORD", "API_KEY", "TOKEN", "SECRET"})
+# a finding in decoded text takes the kind of what it found there (a base64 password is a PASSWORD)
+FAMILY["encoded"] = frozenset(_KINDS.values())
 # placeholder kind -> the first (highest-priority) detector that emits it: attribution of a span
 # that `scan` of the original did not report (found by a rescan after a neighbour was replaced)
 _KIND_DET: dict[str, str] = {}
@@ -69,10 +78,11 @@ class FixtureError(ValueError):
 
 
 def surface(location: str, text: str) -> list[str]:
-    """The strings of a case as the redactor sees them: one text, or every string of the arguments JSON."""
-    if location == "tool_args":
+    """The strings of a case as the redactor sees them: one text, or every string of its JSON
+    (tool-call arguments, a tool schema, a metadata object)."""
+    if location in _JSON_LOCATIONS:
         out: list[str] = []
-        _collect(json.loads(normalize_arguments(text)), out)
+        _collect(json.loads(normalize_arguments(text)) if location in _ARG_LOCATIONS else json.loads(text), out)
         return out
     return [text]
 
@@ -104,11 +114,19 @@ def load_cases(path: str | Path) -> list[dict]:
     return cases
 
 
-def make_redactor(params_path: str | Path = ROOT / "params.yaml", disabled: Iterable[str] = ()) -> Redactor:
-    """The Redactor the `redact` stage builds from params.yaml (plus extra disabled detectors, for experiments)."""
+NAME_FAMILIES = ("person_name", "street_address")  # found only with params redact.names
+
+
+def make_redactor(params_path: str | Path = ROOT / "params.yaml", disabled: Iterable[str] = (),
+                  names: bool | None = None) -> Redactor:
+    """The Redactor the `redact` stage builds from params.yaml (plus extra disabled detectors, for
+    experiments; `names` overrides redact.names)."""
     p = load_params(params_path, "redact", RedactParams)
+    if names is not None:
+        p = p.model_copy(update={"names": names})
     return Redactor(ip_public_only=p.ip_public_only, entropy_threshold=p.entropy_threshold,
-                    entropy_min_len=p.entropy_min_len, disabled=frozenset(p.disabled_detectors) | frozenset(disabled))
+                    entropy_min_len=p.entropy_min_len, disabled=frozenset(p.disabled_detectors) | frozenset(disabled),
+                    keep_documentation_emails=p.keep_documentation_emails, names=p.names)
 
 
 # --------------------------------------------------------------------------- redaction like the stage
@@ -118,15 +136,27 @@ _ASK = "Please help with the ticket."
 
 
 def _record(location: str, text: str) -> dict[str, Any]:
-    """A raw OpenAI-style trace line with the case's text in its place."""
-    msgs: list[dict[str, Any]] = [{"role": "user", "content": text if location == "message" else _ASK}]
-    review: dict[str, Any] = {"status": "accepted"}
+    """A raw OpenAI-style trace line (system, user, a tool call, its result, a final answer, a tool
+    schema, metadata, a review) with the case's text in its place and plain text everywhere else."""
+    def put(loc, default):
+        return text if location == loc or (isinstance(loc, tuple) and location in loc) else default
+
+    call = {"id": "call_1", "type": "function", "function": {"name": "tool", "arguments": put(_ARG_LOCATIONS, '{"query": "status"}')}}
+    msgs: list[dict[str, Any]] = [
+        {"role": "system", "content": put("system", "You are the support agent.")},
+        {"role": "user", "content": put("message", _ASK)},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": put(_RESULT_LOCATIONS, "ok")},
+        {"role": "assistant", "content": put("assistant", "Done.")},
+    ]
+    params = json.loads(text) if location == "tool_schema" else {"type": "object", "properties": {"query": {"type": "string"}}}
+    rec: dict[str, Any] = {"messages": msgs, "tools": [{"type": "function", "function": {"name": "tool", "parameters": params}}],
+                           "human_review": {"status": "accepted"}}
     if location == "review_note":
-        review["review_notes"] = text
-    if location == "tool_args":
-        call = {"id": "call_1", "type": "function", "function": {"name": "tool", "arguments": text}}
-        msgs.append({"role": "assistant", "content": None, "tool_calls": [call]})
-    return {"messages": msgs, "human_review": review}
+        rec["human_review"]["review_notes"] = text
+    if location in ("metadata", "dict_key"):
+        rec["metadata"] = json.loads(text)
+    return rec
 
 
 def _fields(location: str, text: str) -> dict[str, Any]:
@@ -139,9 +169,19 @@ def _fields(location: str, text: str) -> dict[str, Any]:
 def _target(location: str, fields: dict[str, Any]) -> Any:
     if location == "review_note":
         return fields["review"]["notes"]
-    if location == "tool_args":
-        return fields["messages"][1]["tool_calls"][0]["function"]["arguments"]
-    return fields["messages"][0]["content"]
+    if location in _ARG_LOCATIONS:
+        return fields["messages"][2]["tool_calls"][0]["function"]["arguments"]
+    if location == "tool_schema":
+        return fields["tools"][0]["function"]["parameters"]
+    if location in ("metadata", "dict_key"):
+        return fields["extra"]["metadata"]
+    at = {"system": 0, "message": 1, "assistant": 4}.get(location, 3)
+    return fields["messages"][at]["content"]
+
+
+def _target_text(location: str, fields: dict[str, Any]) -> str:
+    t = _target(location, fields)
+    return t if isinstance(t, str) else json.dumps(t, ensure_ascii=False)
 
 
 def _slice(texts: list[str], sub: list[str]) -> int:
@@ -171,7 +211,7 @@ def redact_text(location: str, text: str, redactor: Redactor) -> tuple[list[str]
     _collect(walked, red)
     if len(red) != len(texts):
         raise RuntimeError("redact_fields changed the number of strings in a record")
-    return texts[i : i + len(sub)], red[i : i + len(sub)], _target(location, ref)
+    return texts[i : i + len(sub)], red[i : i + len(sub)], _target_text(location, ref)
 
 
 def recover_spans(orig: str, red: str) -> list[tuple[int, int, str]] | None:
@@ -232,7 +272,7 @@ def evaluate_case(case: dict, redactor: Redactor) -> dict[str, Any]:
     for sp in spans:
         sp["fp"] = not any(i == sp["string"] and s < sp["end"] and sp["start"] < e for (i, s, e) in label_occ)
     valid_json = None
-    if loc == "tool_args":
+    if loc in _JSON_LOCATIONS:
         try:
             json.loads(output)
             valid_json = True
@@ -266,8 +306,10 @@ def _scores(tp: int, fp: int, fn: int) -> dict[str, Any]:
     return {"tp": tp, "fp": fp, "fn": fn, "precision": rnd(p), "recall": rnd(r), "f2": rnd(f2)}
 
 
-def aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-family and micro scores, benign counts, checks, and the ids of every miss and false positive."""
+def aggregate(results: list[dict[str, Any]], exclude: Iterable[str] = ()) -> dict[str, Any]:
+    """Per-family and micro scores, benign counts, checks, and the ids of every miss and false positive.
+    Families in `exclude` keep their own row but stay out of the micro and per-location totals."""
+    exclude = frozenset(exclude)
     cats = sorted(set(DETECTORS) | {r["category"] for r in results} - {BENIGN_GROUP}, key=lambda c: _PRIO.get(c, 99))
     c = {k: Counter() for k in cats}
     for r in results:
@@ -290,7 +332,9 @@ def aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:
                    leaked=cc["leaked"], kind_mismatch=cc["kind_mismatch"])
         categories[k] = row
     tot = Counter()
-    for row in categories.values():
+    for k, row in categories.items():
+        if k in exclude:
+            continue
         for f in ("tp", "fp", "fn", "leaked", "kind_mismatch"):
             tot[f] += row[f]
     micro = _scores(tot["tp"], tot["fp"], tot["fn"])
@@ -305,16 +349,27 @@ def aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:
     by_loc = {}
     for loc in LOCATIONS:
         rs = [r for r in results if r["location"] == loc]
-        s = _scores(sum(lab["caught"] for r in rs for lab in r["labels"]), sum(sp["fp"] for r in rs for sp in r["spans"]),
-                    sum(not lab["caught"] for r in rs for lab in r["labels"]))
+        labs = [lab for r in rs for lab in r["labels"] if lab["category"] not in exclude]
+        s = _scores(sum(lab["caught"] for lab in labs), sum(sp["fp"] for r in rs for sp in r["spans"]),
+                    sum(not lab["caught"] for lab in labs))
         s["cases"] = len(rs)
         by_loc[loc] = s
+    # recall of each family in each placement: "caught/labels"
+    cell: dict[str, Counter] = {}
+    for r in results:
+        for lab in r["labels"]:
+            cc = cell.setdefault(lab["category"], Counter())
+            cc[(r["location"], "n")] += 1
+            cc[(r["location"], "caught")] += lab["caught"]
+    by_family_location = {fam: {loc: f"{cc[(loc, 'caught')]}/{cc[(loc, 'n')]}" for loc in LOCATIONS if cc[(loc, "n")]}
+                          for fam, cc in sorted(cell.items(), key=lambda kv: _PRIO.get(kv[0], 99))}
     ids = lambda pred: sorted(r["id"] for r in results if pred(r))  # noqa: E731
     return {
         "cases": {"total": len(results), **{k: sum(r["kind"] == k for r in results) for k in KINDS}},
         "categories": categories,
         "micro": micro,
         "by_location": by_loc,
+        "by_family_location": by_family_location,
         "benign_code": group(lambda r: r["category"] == BENIGN_GROUP),
         "fp_vectors": group(lambda r: r["kind"] == "fp"),
         "checks": {
@@ -328,6 +383,29 @@ def aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:
             "benign_changed": ids(lambda r: r["kind"] != "tp" and r["changed"]),
         },
     }
+
+
+def measure(cases: list[dict], params: str | Path = ROOT / "params.yaml",
+            disable: Iterable[str] = ()) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(per-case results, metrics) with the params' redactor; plus, when params leave redact.names
+    off, what turning it on would do (`with_names`)."""
+    redactor = make_redactor(params, disable)
+    results = evaluate(cases, redactor)
+    metrics = aggregate(results, exclude=() if redactor.names else NAME_FAMILIES)
+    metrics["names_param"] = redactor.names
+    metrics["excluded_from_totals"] = [] if redactor.names else list(NAME_FAMILIES)
+    if not redactor.names:
+        metrics["with_names"] = names_summary(evaluate(cases, make_redactor(params, disable, names=True)))
+    return results, metrics
+
+
+def names_summary(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """What `redact.names: true` would do on the fixture: the name families' scores, and what it
+    costs elsewhere (false positives, benign and look-alike cases changed)."""
+    m = aggregate(results)
+    return {"categories": {k: m["categories"][k] for k in NAME_FAMILIES if k in m["categories"]},
+            "micro": m["micro"], "benign_code": m["benign_code"], "fp_vectors": m["fp_vectors"],
+            "false_positive_ids": m["defects"]["false_positive"]}
 
 
 def dumps(metrics: dict[str, Any]) -> str:
@@ -361,11 +439,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--disable", action="append", default=[], help="also disable this detector (experiments; repeatable)")
     ap.add_argument("--details", action="store_true", help="print every miss and false positive")
     a = ap.parse_args(argv)
-    results = evaluate(load_cases(a.cases), make_redactor(a.params, a.disable))
-    metrics = aggregate(results)
+    results, metrics = measure(load_cases(a.cases), a.params, a.disable)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(dumps(metrics), encoding="utf-8")
     print(table(metrics))
+    if "with_names" in metrics:
+        w = metrics["with_names"]
+        print("with redact.names: true: " + ", ".join(
+            f"{k} R={r['recall']} P={r['precision']}" for k, r in w["categories"].items())
+              + f"; micro P={w['micro']['precision']}; benign changed {w['benign_code']['changed']}/{w['benign_code']['cases']},"
+              f" look-alikes changed {w['fp_vectors']['changed']}/{w['fp_vectors']['cases']}")
     if a.details:
         for r in results:
             for lab in r["labels"]:

@@ -34,7 +34,11 @@ from pathlib import Path
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "redaction" / "labelled.jsonl"
 SEED = 20261122
-LOCATIONS = ("message", "tool_args", "review_note")
+LOCATIONS = ("message", "assistant", "system", "tool_args", "tool_args_nested", "tool_result", "tool_result_json",
+             "tool_result_double", "tool_schema", "metadata", "dict_key", "review_note")
+# The families of issue 10 are data: one seed a line (a value, the prose and the JSON it sits in),
+# expanded here into every placement a trace has.
+FAMILIES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "redaction" / "families.jsonl"
 
 _rng = random.Random(SEED)
 ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
@@ -90,7 +94,8 @@ AKIA_EX, AKIA_EX2 = "AKIA" + "IOSFODNN7EXAMPLE", "AKIA" + "I44QH8DHBEXAMPLE"  # 
 AWS_SECRET_EX = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"  # AWS's documented example secret
 AWS_SECRET_EX2 = "je7MtGbClwBF/2Zp9Utk/h3yCo8nvbEXAMPLEKEY"
 # What the JSONL shields: the second char of each becomes a \u escape.
-SHIELD = (GHP, GHO, GHPAT, GLPAT, GLDT, XOXB, XOXP, XAPP, "xo" + "xo-", SKLIVE, SKTEST, RKLIVE, WHSEC, SKANT,
+SHIELD = ("dap" + "i", "do" + "p_v1_", "shp" + "at_", "hv" + "s.", "ya" + "29.", "HR" + "KU-", "EA" + "AA",
+          "dis" + "cord.com/api/webhooks", GHP, GHO, GHPAT, GLPAT, GLDT, XOXB, XOXP, XAPP, "xo" + "xo-", SKLIVE, SKTEST, RKLIVE, WHSEC, SKANT,
           SKPROJ, HF, AIZA, AKC, SG, SQ, "pypi" + "-AgE", NPM, HOOKS, "AKIA", "ASIA", BEGIN, "Account" + "Key=",
           "_auth" + "Token=")
 
@@ -175,15 +180,15 @@ def build() -> list[dict]:
     fp("url_password", "tool_args", args(url="ssh://git@github.com:22/org/repo.git"), note="a service account, no password")
 
     # ------------------------------------------------------------------ email
-    tp("email", "message", "please reply to jane.doe@example.com before Friday", "jane.doe@example.com")
-    tp("email", "tool_args", args(to="bob.smith+orders@example.org", subject="Your invoice", body="Hi Bob"), "bob.smith+orders@example.org")
+    tp("email", "message", "please reply to jane.doe@acme-mail.com before Friday", "jane.doe@acme-mail.com")
+    tp("email", "tool_args", args(to="bob.smith+orders@acme-mail.org", subject="Your invoice", body="Hi Bob"), "bob.smith+orders@acme-mail.org")
     tp("email", "review_note", "customer (carol_w@mail.example.co.uk) asked for a refund", "carol_w@mail.example.co.uk")
-    tp("email", "tool_args", args(recipients=["ops@example.com", "dana.lee@example.net"]), "ops@example.com", "dana.lee@example.net")
-    tp("email", "message", "From: \"Eve Adams\" <EVE.ADAMS@EXAMPLE.COM>\nSubject: hello", "EVE.ADAMS@EXAMPLE.COM")
-    tp("email", "message", "git log shows Author: Frank Ng <frank.ng@example.com>", "frank.ng@example.com")
-    tp("email", "tool_args", args(**{"jane.roe@example.com": "owner", "team": "billing"}), "jane.roe@example.com",
+    tp("email", "tool_args", args(recipients=["ops@acme-mail.com", "dana.lee@acme-mail.net"]), "ops@acme-mail.com", "dana.lee@acme-mail.net")
+    tp("email", "message", "From: \"Eve Adams\" <EVE.ADAMS@ACME-MAIL.COM>\nSubject: hello", "EVE.ADAMS@ACME-MAIL.COM")
+    tp("email", "message", "git log shows Author: Frank Ng <frank.ng@acme-mail.com>", "frank.ng@acme-mail.com")
+    tp("email", "tool_args", args(**{"jane.roe@acme-mail.com": "owner", "team": "billing"}), "jane.roe@acme-mail.com",
        note="an address as a JSON key")
-    tp("email", "tool_args", json.dumps(args(to="grace.h@example.com", body="Hello")), "grace.h@example.com",
+    tp("email", "tool_args", json.dumps(args(to="grace.h@acme-mail.com", body="Hello")), "grace.h@acme-mail.com",
        note="double-encoded arguments (a JSON string holding the JSON text)")
     fp("email", "message", "@pytest.fixture\ndef client():\n    return app.test_client()", note="a decorator")
     fp("email", "tool_args", args(command="git clone git@github.com:org/repo.git"), note="a service account")
@@ -476,7 +481,7 @@ def build() -> list[dict]:
     tp("ipv6", "review_note", "client address 2607:f8b0:4005:80a::200e was logged", "2607:f8b0:4005:80a::200e")
     fp("ipv6", "message", "2001:db8::1 is documentation, fe80::1 link-local, ::1 loopback", note="non-public")
     fp("ipv6", "tool_args", args(code="std::vector<int> v; Foo::bar(); x[::2]"), note="C++ and slices")
-    fp("ipv6", "review_note", "MAC 00:1A:2B:3C:4D:5E and time 10:00:00.123", note="MAC and time")
+    fp("ipv6", "review_note", "magic de:ad:be:ef and time 10:00:00.123", note="hex words and a time (a MAC address is now PII: mac_address)")
 
     # ------------------------------------------------------------------ home_path
     tp("home_path", "message", "open /home/alice/proj/a.py", "/home/alice")
@@ -564,7 +569,49 @@ def build() -> list[dict]:
     ):
         benign(loc, text, note)
 
+    _families()
     return list(_cases)
+
+
+def _fill(obj, v: str):
+    if isinstance(obj, str):
+        return obj.replace("{v}", v)
+    if isinstance(obj, dict):
+        return {_fill(k, v): _fill(x, v) for k, x in obj.items()}
+    if isinstance(obj, list):
+        return [_fill(x, v) for x in obj]
+    return obj
+
+
+def placements(seed: dict) -> dict[str, str]:
+    """location -> the case text for one seed of families.jsonl."""
+    v = seed["value"] or ""
+    prose = seed["prose"].replace("{v}", v)
+    obj = _fill(seed["args"], v) if seed["args"] is not None else {"text": prose}
+    dump = lambda o: json.dumps(o, ensure_ascii=False)  # noqa: E731
+    if seed["schema"]:
+        schema = {"type": "object", "properties": {k: {"type": "string", "default": x}
+                                                   for k, x in _fill(seed["schema"], v).items()}}
+    else:
+        schema = {"type": "object", "properties": {"input": {"type": "string", "description": prose}}}
+    return {
+        "message": prose, "assistant": prose, "system": prose, "review_note": prose, "tool_result": prose,
+        "tool_args": dump(obj), "tool_args_nested": dump({"request": {"steps": [obj], "retries": 1}}),
+        "tool_result_json": dump(obj), "tool_result_double": dump(dump(obj)), "tool_schema": dump(schema),
+        "metadata": dump(obj), "dict_key": dump({prose: "seen"}),
+    }
+
+
+def _families() -> None:
+    for line in FAMILIES.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        seed = json.loads(line)
+        for loc, text in placements(seed).items():
+            if seed["kind"] == "tp":
+                tp(seed["category"], loc, text, seed["value"], note=seed["note"] or f"placement: {loc}")
+            else:
+                fp(seed["category"], loc, text, note=seed["note"] or f"placement: {loc}")
 
 
 def shield(line: str) -> str:

@@ -24,6 +24,9 @@ class RedactParams(_Params):
     workers: int = Field(0, ge=0, description="processes for redaction; 0 = one per core")
     canaries: list[str] = Field(default_factory=list, description="strings that must never appear in any output")
     canary_sha256: list[str] = Field(default_factory=list, description="SHA-256 of such strings, to keep them out of params")
+    keep_documentation_emails: bool = Field(
+        True, description="keep addresses at RFC 2606 names (example.com/.org/.net, *.test, *.example): no one's mailbox")
+    names: bool = Field(False, description="also redact person names and street addresses (context-gated recogniser)")
 
 
 class ExportParams(_Params):

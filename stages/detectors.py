@@ -24,7 +24,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["BATCH_SEP", "DETECTORS", "PLACEHOLDER_RE", "Finding", "Placeholders", "Redactor"]
+from stages import families, names
+
+__all__ = ["BATCH_SEP", "DETECTORS", "PLACEHOLDER_RE", "Finding", "Placeholders", "Redactor", "merge_findings",
+           "rule_sets", "structural_secrets"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +41,7 @@ class Finding:
 # detector -> placeholder kind. The order is also the priority when findings overlap: specific
 # formats first, then context-based, then generic shapes.
 _KINDS = {
+    "canary": "SECRET",  # a team's declared must-never-appear string (params redact.canaries)
     "private_key": "PRIVATE_KEY",
     "jwt": "JWT",
     "url_password": "PASSWORD",
@@ -62,17 +66,30 @@ _KINDS = {
     "ds_square_oauth": "SQUARE_SECRET",
     "ds_telegram": "TELEGRAM_TOKEN",
     "ds_twilio": "TWILIO_KEY",
+    "provider_token": "TOKEN",  # stages/rules/providers.json, loaded as data
+    "webhook": "WEBHOOK",
     "aws_secret_key": "AWS_SECRET",
     "secret_assignment": "SECRET",  # refined by the key name: PASSWORD, API_KEY, TOKEN, SECRET
     "bearer_token": "TOKEN",
+    "auth_header": "TOKEN",  # Authorization with any scheme (Basic, Bot, OAuth, Token, Digest)
+    "cookie": "COOKIE",
+    "signed_url": "SIGNATURE",
+    "password_cli": "PASSWORD",  # mysql -pX, sshpass -p X, htpasswd -b u X, curl -u u:X, .netrc, <password>
     "credit_card": "CREDIT_CARD",
     "iban": "IBAN",
     "ssn": "SSN",
     "phone": "PHONE",
+    "person_name": "NAME",  # only with params redact.names (stages/names.py)
+    "street_address": "ADDRESS",
+    "dob": "DOB",
+    "passport": "PASSPORT",
+    "mac_address": "MAC",
+    "geo": "LOCATION",
     "ipv6": "IP",
     "ipv4": "IP",
     "home_path": "HOME",
     "entropy": "SECRET",
+    "encoded": "SECRET",  # a base64 or %XX run whose decoded text holds a finding (takes that finding's kind)
 }
 DETECTORS: tuple[str, ...] = tuple(_KINDS)
 _PRIO = {name: i for i, name in enumerate(DETECTORS)}
@@ -271,6 +288,18 @@ _KEY_WORDS_B = frozenset(w.encode() for w in _KEY_WORDS)
 _KEY_PREFIXES = {"api": "API_KEY", "access": "SECRET", "private": "SECRET", "signing": "SECRET",
                  "encryption": "SECRET", "master": "SECRET"}
 _KEY_PREFIX_SIZES = sorted({len(p) for p in _KEY_PREFIXES}, reverse=True)
+_GLUED_OK = frozenset({"password", "passwd", "passphrase", "passcode", "token", "secret", "secretkey", "key",
+                       "credentials"})
+# Every key key_value can accept holds one of these (secret words, header names, PII words).
+_KEY_HINT = re.compile(r"pass|pwd|secret|token|key|auth|cred|cookie|sig|birth|dob|ssn|social")
+# JSON keys whose string value is a person's name (checked against the name lists: `names.is_person`).
+_PERSON_KEYS = frozenset("""name full_name fullname first_name firstname given_name last_name lastname surname family_name
+display_name displayname customer_name customer contact_name contact patient_name patient recipient_name
+sender_name author assignee owner_name account_holder cardholder card_holder employee_name user_full_name""".split())
+# Header names whose whole value is a credential, as JSON keys: header -> detector.
+_HEADER_KEYS = {"authorization": "auth_header", "proxy-authorization": "auth_header", "cookie": "cookie",
+                "set-cookie": "cookie", "x-amz-security-token": "auth_header", "x-goog-signature": "signed_url",
+                "x-amz-signature": "signed_url"}
 
 _ASSIGN = re.compile(
     r"""(?:\\?["'])?\]?[ \t]*(?:=>|:=|[:=])[ \t]*(?:
@@ -280,19 +309,49 @@ _ASSIGN = re.compile(
       | (?P<bare>(?!=)[^\s"'`,;<>(){}\[\]\\|]{1,512}))""",
     re.X,
 )
+_SIBLING = re.compile(
+    r"""\\*["']?[ \t]*(?:,[ \t]*|\r?\n[ \t]*-?[ \t]*|(?:\\+n)[ \t]*-?[ \t]*)\\*["']?(?:value|Value|val|default|secret)\\*["']?[ \t]*[:=][ \t]*"""
+    r"""\\*["']?([^"'\\\r\n,}{ ]{1,512})""")
 _FLAG = re.compile(r"""[ \t]+(?P<bare>[^\s"'`<>\-$][^\s"'`<>]{0,511})""")
 _BEARER = re.compile(r"[ \t]+([A-Za-z0-9\-._~+/]{8,}+=*)", re.A)
 _AUTH_HEADER = re.compile(
-    r"""["']?[ \t]*[:=][ \t]*["']?(?:(?:[Bb]asic|[Tt]oken|[Dd]igest)[ \t]+)?([A-Za-z0-9\-._~+/]{8,}+=*)""", re.A
+    r"""\\?["']?[ \t]*[:=][ \t]*\\?["']?(?:(?:[Bb]asic|[Tt]oken)[ \t]+)?([A-Za-z0-9\-._~+/]{8,}+=*)""", re.A
 )
 _NULLISH = frozenset(
     "none null nil true false undefined yes no on off empty required optional str string bytes int bool"
     " any object secretstr redacted masked hidden".split()
 )
 _MASK = frozenset("*•xX#.-_ ")
+# More lower-case words up to the line's end after a bare password: a passphrase of several words.
+_PHRASE = re.compile(r"(?:[ \t]+[a-z]{2,24}){2,7}(?=[ \t]*(?:$|[\r\n\x00.,;\"'`)]))", re.M)
+_PROSE_WORDS = frozenset("the a an and or but then for to in on at of with from by is are was be it this that "
+                         "run make use try please so if not no yes".split())
+_FILLER = re.compile(r"([xX0*#.])\1{7,}")
 _DOTTED = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+", re.A)
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*", re.A)
 _HEXISH = re.compile(r"[0-9a-fA-F\-]+")
+_HEX_SECRET = re.compile(r"(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]+|(?=[0-9A-F]*[A-F])(?=[0-9A-F]*[0-9])[0-9A-F]+")
+
+
+# Only separators (and `is`) between the word and a hex value: `secret sauce: <sha>` is a digest.
+_HEX_GAP = re.compile(r"""[ \t"':=>]{0,4}(?:is[ \t]+|was[ \t]+)?""")
+
+
+def _pii_key(stem: str, value: str) -> tuple[str, str] | None:
+    """`{"birthdate": "1990-05-15"}`, `{"passport_no": "X1234567"}`, `{"ssn": "123456789"}`: PII whose
+    key names it, as the scan would find it after the word."""
+    if "birth" in stem or stem in ("dob", "date_of_birth", "birthday", "bday"):
+        return ("dob", "DOB") if families.date_value(value) else None
+    if "passport" in stem:
+        return ("passport", "PASSPORT") if families.passport_value(value) else None
+    if stem in ("ssn", "social_security_number", "social_security", "ssn_number"):
+        return ("ssn", "SSN") if families.ssn_value(value) else None
+    return None
+
+
+def _strong_key(key: str) -> bool:
+    k = key.lower()
+    return any(w in k for w in ("token", "secret", "password", "passwd", "apikey", "api_key", "api-key", "signing"))
 _B64 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
 
 
@@ -314,13 +373,28 @@ def _key_kind(key: str, r: int) -> tuple[str | None, bool]:
     # The word must start a component: `db_password`, `dbPassword`, `--password`; not `bypass`.
     if j == 0 or k[j - 1] in "_-" or (key[j].isupper() and not key[j - 1].isupper()):
         return kind, True
+    # A glued name of one case (`PGPASSWORD`, `VAULTTOKEN`, `XAPIKEY`, `csrftoken`): only strong words,
+    # never `pass`/`pwd`/`auth` (`bypass`, `OLDPWD`, `oauth`).
+    if kind is not None and word in _GLUED_OK and (key.isupper() or key.islower()) and key[:j].isalpha():
+        return kind, True
     return None, False
+
+
+# Masks that logs and frameworks write in place of a secret (`[FILTERED]`, `<redacted>`, `***`): kept.
+_MASK_WORD = re.compile(r"[\[(<{*]*\s*(?:filtered|redacted|masked|hidden|removed|omitted|secret|password|sensitive|"
+                        r"scrubbed|censored|elided|private|x+|\*+)\s*[\])>}*]*", re.I)
 
 
 def _plausible_value(v: str, kind: str, bare: bool, nxt: str) -> bool:
     """False for values that are clearly not a literal secret: refs, masks, code, plain words."""
     if not v or v[0] in "$%{<#@" or PLACEHOLDER_RE.fullmatch(v) or set(v) <= _MASK:
         return False
+    if v[0] in "[(*" and _MASK_WORD.fullmatch(v):
+        return False
+    if v.endswith(("..", "…")) and len(v.rstrip(".…")) <= 8:
+        return False  # `sk-...`, `ghp_…`: an elided value in docs or a log
+    if len(v) >= 12 and _FILLER.search(v):
+        return False  # `ghp_xxxxxxxxxxxx`, `sk-00000000...`: a documentation placeholder
     lv = v.lower()
     if lv in _NULLISH or "environ" in lv or "getenv" in lv or "process.env" in lv:
         return False
@@ -433,6 +507,19 @@ def _after_nul(low: bytes, lo: int, i: int) -> int:
     return lo if z < 0 else z + 1
 
 
+_DOC_DOMAINS = ("example.com", "example.org", "example.net")
+# `icon@2x.png`, `pkg@1.2.3.tgz`: file names, not addresses (none of these is a TLD people mail at)
+_FILE_EXTS = frozenset("png jpg jpeg gif svg webp ico bmp pdf txt md js mjs ts tsx jsx css scss html htm json yaml yml "
+                       "xml zip gz tgz tar lock log py rb go rs java class jar whl map wasm".split())
+_DOC_TLDS = ("example", "test", "invalid", "localhost")
+
+
+def _doc_domain(domain: str) -> bool:
+    """RFC 2606 / 6761 names reserved for documentation and tests: no one's mailbox can be there."""
+    d = domain.lower()
+    return d in _DOC_DOMAINS or d.endswith(tuple("." + x for x in _DOC_DOMAINS)) or d.rsplit(".", 1)[-1] in _DOC_TLDS
+
+
 def _in_url_userinfo(text: str, ls: int) -> bool:
     """True when `text[ls:]` starts the password of `scheme://user:PASSWORD@host`."""
     if ls == 0 or text[ls - 1] != ":":
@@ -459,14 +546,18 @@ class Redactor:
         entropy_threshold: float = 3.5,
         entropy_min_len: int = 20,
         disabled: frozenset[str] = frozenset(),
+        keep_documentation_emails: bool = True,
+        names: bool = False,
     ) -> None:
         unknown = sorted(set(disabled) - set(DETECTORS))
         if unknown:
             raise ValueError(f"unknown detector(s) in disabled: {', '.join(unknown)} (known: {', '.join(DETECTORS)})")
         self.ip_public_only = ip_public_only
+        self.keep_documentation_emails = keep_documentation_emails
         self.entropy_threshold = entropy_threshold
         self.entropy_min_len = entropy_min_len
         self._on = frozenset(DETECTORS) - frozenset(disabled)
+        self.names = names and ("person_name" in self._on or "street_address" in self._on)
         self._long_tok = b"t" * max(1, entropy_min_len)
 
     # ---------------------------------------------------------------- public API
@@ -475,9 +566,27 @@ class Redactor:
         """(detector, kind) when a JSON object's `key` names a secret and its string `value` plausibly is
         one: the `password=...` rule across the JSON structure, for `{"password": "..."}` in tool-call
         arguments and metadata, where key and value are two strings and no scan of either sees both."""
-        if "secret_assignment" not in self._on or len(key) > 64 or not value:
+        if len(key) > 64 or not value:
             return None
         stem = key.lower().rstrip("0123456789_-")
+        if not (_KEY_HINT.search(stem) or self.names):
+            return None  # most keys name nothing secret: one C-level search rules them out
+        if self.names and "person_name" in self._on and stem.replace("-", "_") in _PERSON_KEYS:
+            return ("person_name", "NAME") if names.is_person(value, stem) else None
+        header = _HEADER_KEYS.get(stem.replace("_", "-"))
+        if header is not None:  # `{"Authorization": "Basic ..."}`, `{"Cookie": "sid=..."}` (HAR, fetch args)
+            if header in self._on and len(value) >= 6 and _plausible_value(value, "TOKEN", False, "") and (
+                    header == "cookie" or _looks_random(value.rsplit(" ", 1)[-1])) and _plausible_value(
+                    value.rsplit(" ", 1)[-1], "TOKEN", False, ""):
+                return header, _KINDS[header]
+            return None
+        if "secret_assignment" not in self._on:
+            return None
+        pii = _pii_key(stem, value)
+        if pii is not None:
+            return pii if pii[0] in self._on else None
+        if stem.endswith("private_key_id") and _plausible_value(value, "SECRET", False, ""):
+            return "secret_assignment", "SECRET"  # a GCP service-account key's id
         for word in sorted((w for w in _KEY_WORDS if stem.endswith(w)), key=len, reverse=True):
             kind, context = _key_kind(key, len(stem) - len(word))
             if not context:
@@ -492,16 +601,61 @@ class Redactor:
         return None
 
     def scan(self, text: str) -> list[Finding]:
-        """Non-overlapping findings, sorted by start."""
+        """Non-overlapping findings, sorted by start: the text as written, then where normalising
+        (NFKC, zero-width chars, homoglyphs) or decoding (base64, %XX) shows more, mapped back so
+        that the encoded original is what gets replaced."""
+        out = self._scan(text)
         n = len(text)
-        if n < 20 and (n < 2 or text.isalpha() or not _SHORT_HINT.search(text.lower())):
+        if n >= 16 and not text.isascii():
+            for folded, idx in families.fold_windows(text):
+                for s, e, det, kind in self._scan(folded):
+                    out.append((idx[s], idx[e - 1] + 1, det, kind))
+        if n >= 16 and "\\" in text:
+            out += self._unescaped(text)
+        if n >= 16 and "encoded" in self._on:
+            for s, e, dec in families.encoded_runs(text, text.encode("latin-1", "replace").translate(_TOK_T)):
+                inner = self._resolve(self._scan(dec))
+                if inner:
+                    out.append((s, e, "encoded", inner[0].kind))
+        return self._resolve(out)
+
+    def _unescaped(self, text: str) -> list[_Cand]:
+        """JSON text inside a string (a tool result, double-encoded arguments): `\\"` and `\\n` hide the
+        quotes and line ends the patterns rely on. Each string of the batch that holds such escapes is
+        unescaped (twice at most), scanned, and its findings mapped back."""
+        out: list[_Cand] = []
+        i = text.find("\\")
+        while i >= 0:
+            s = text.rfind("\x00", 0, i) + 1
+            e = text.find("\x00", i)
+            e = len(text) if e < 0 else e
+            cur, maps = text[s:e], []
+            if '\\"' in cur or "\\n" in cur:
+                for _ in range(2):
+                    un = families.json_unescape(cur)
+                    if un is None:
+                        break
+                    cur, seg = un
+                    maps.append(seg)
+                    for fs, fe, det, kind in self._scan(cur):
+                        for m in reversed(maps):
+                            fs, fe = families.map_back(m, fs), families.map_back(m, fe - 1) + 1
+                        out.append((s + fs, s + fe, det, kind))
+            i = text.find("\\", e)
+        return out
+
+    def _scan(self, text: str) -> list[_Cand]:
+        n = len(text)
+        if n < 20 and (n < 2 or text.isalpha() or not (_SHORT_HINT.search(low_s := text.lower())
+                                                         or (self.names and names.SHORT_HINT.search(low_s)))):
             return []  # too short for any token run; this is most of a trace's strings (keys, roles)
         raw = text.encode("latin-1", "replace")  # one byte per char: offsets match the str
         out: list[_Cand] = []
         self._blocks(text, out)
         run = raw.translate(_RUN_T)
         self._runs(text, run, out)
-        self._numbers(text, raw.translate(_SHAPE_T), out)
+        shape = raw.translate(_SHAPE_T)
+        self._numbers(text, shape, out)
         if "@" in text:
             if "url_password" in self._on and "://" in text:
                 self._url_passwords(text, out)
@@ -511,7 +665,33 @@ class Redactor:
         self._keywords(text, raw, low, run, out)
         if "home_path" in self._on:
             self._homes(text, low, out)
-        return self._resolve(out)
+        self._more(text, raw, low, out)
+        if self.names:
+            names.find(text, low, shape, self._adder(text, out))
+        return out
+
+    def _adder(self, text: str, out: list[_Cand]):
+        def add(start: int, end: int, det: str, kind: str | None = None) -> None:
+            # A family's value pattern may also match our own placeholder on a rescan: never a finding.
+            if not (text.startswith("<", start) and PLACEHOLDER_RE.fullmatch(text, start, end)):
+                self._add(out, start, end, det, kind)
+        return add
+
+    def _more(self, text: str, raw: bytes, low: bytes, out: list[_Cand]) -> None:
+        """The families of stages/families.py that no root word or digit span leads to, each behind
+        one literal find (each costs a pass over the text, so there are few)."""
+        add = self._adder(text, out)
+        if b"cookie" in low:
+            families.cookies(text, low, add)
+        if b"curl" in low or b"mysql" in low or b"docker" in low:
+            families.commands(text, low, add)
+        if "?" in text:
+            families.query_secrets(text, add)
+        if "PuTTY-User-Key-File" in text:
+            families.putty(text, add)
+        if b"webhook" in low:
+            families.webhooks(text, low, add)
+        families.pii(text, low, add)
 
     def redact_many(self, texts: Sequence[str], table: Placeholders) -> list[str]:
         """`[redact(t, table) for t in texts]` (after reserving all of them), with one scan per batch.
@@ -534,6 +714,7 @@ class Redactor:
         out = list(texts)
         if not found:
             return out
+        found = merge_findings(found)  # callers may add findings of their own (keyed values, canaries)
         starts, pos = [], 0
         for t in texts:
             starts.append(pos)
@@ -576,6 +757,8 @@ class Redactor:
 
     @staticmethod
     def _apply(text: str, found: list[Finding], table: Placeholders) -> str:
+        """`found` must be sorted and non-overlapping (merge_findings): a finding that starts before
+        the previous one ended would copy text twice and keep the raw value."""
         parts, pos = [], 0
         for f in found:
             value = text[f.start : f.end]
@@ -610,7 +793,8 @@ class Redactor:
                     else None
                 )
                 stop = fm.end() if fm else _PEM_BODY.match(text, m.end()).end()
-                self._add(out, m.start(), stop, "private_key")
+                if stop > m.end():  # a header quoted in prose, with no key material, is not a key
+                    self._add(out, m.start(), stop, "private_key")
                 pos = stop
         if "hooks.slack.com/" in text:
             for m in _SLACK_HOOK.finditer(text):
@@ -643,12 +827,33 @@ class Redactor:
                 if m is None and k < s - 1:
                     m = _TOKEN_AT.match(text, k)
         if m is None:
+            # Provider rules (stages/rules/providers.json) at the run's start, or at the short runs
+            # before one or two dots that lead into it (`ya29.`, `hvs.`, `dp.pt.`).
+            if "provider_token" in self._on:
+                add = functools.partial(self._add, out)
+                if not families.provider_at(text, s, add):
+                    k = s
+                    for _ in range(2):
+                        if k < 2 or text[k - 1] != ".":
+                            break
+                        j = run.rfind(b" ", max(0, k - 18), k - 1)
+                        if j < 0 and k > 18:
+                            break
+                        k = j + 1
+                        if families.provider_at(text, k, add):
+                            break
             return
         det, body = m.lastgroup, m.group()[3:]
         if det == "openai_key" and not (any(c.isdigit() for c in body) and any(c.isalpha() for c in body)):
             return  # `sk-some-long-kebab-name` is not a key
         if det == "huggingface_token" and (body.islower() or body.isupper()):
             return  # `hf_` + an identifier
+        if len(set(body)) < 5:
+            return  # `ghp_xxxxxxxx...`: a documentation placeholder, not a token
+        if det == "slack_token" and not any(c.isdigit() for c in body):
+            return  # `xoxo-hugs-and-kisses`: every Slack token carries numeric ids
+        if det == "ds_telegram" and m.group().split(":", 1)[-1].islower():
+            return  # `20260425:release-candidate-...`: a build tag (a bot token's secret is mixed case)
         self._add(out, m.start(), m.end(), det)
 
     def _numbers(self, text: str, shape: bytes, out: list[_Cand]) -> None:
@@ -670,6 +875,7 @@ class Redactor:
                 for mm in _SSN.finditer(text, s, stop):
                     self._add(out, mm.start(), mm.end(), "ssn")
             if digits >= 9 and "phone" in on:
+                before = len(out)
                 if digits >= 10 and any(shape.find(t, s, e) >= 0 for t in (b"0-0000", b"0.0000", b"0 0000")):
                     for mm in _PHONE_US.finditer(text, s, stop):
                         self._add(out, mm.start(), mm.end(), "phone")
@@ -677,6 +883,8 @@ class Redactor:
                     for mm in _PHONE_INTL.finditer(text, s, stop):
                         if 9 <= sum(c.isdigit() for c in mm.group()) <= 15:
                             self._add(out, mm.start(), mm.end(), "phone")
+                if len(out) == before and digits <= 13 and dots < 2:
+                    families.national_phone(text, s, e, functools.partial(self._add, out))  # digits only
             if digits >= 13 and "credit_card" in on:
                 for mm in _CARD.finditer(text, s, stop):
                     if _card_ok(mm.group()):
@@ -695,6 +903,8 @@ class Redactor:
                 h = shape.find(b"AA00", h + 1)
         if "ipv6" in on and ":" in text:
             self._ipv6(text, out)
+        if "geo" in on and b"0.0000" in shape:
+            families.latlon(text, shape, functools.partial(self._add, out))
 
     def _ipv6(self, text: str, out: list[_Cand]) -> None:
         n, pos = len(text), 0
@@ -717,6 +927,8 @@ class Redactor:
             try:
                 public = ":" in cand and _public_ip(cand)
             except ValueError:
+                if "mac_address" in self._on:
+                    families.mac_at(text, m.start(), functools.partial(self._add, out))
                 continue  # not an address: `10:00:00`, a MAC, `de:ad:be:ef`
             if public if self.ip_public_only else sum(1 for g in cand.split(":") if g) >= 2:  # `[::2]` is a slice
                 self._add(out, m.start(), m.end(), "ipv6")
@@ -744,7 +956,9 @@ class Redactor:
                             ls += 1
                         local = text[ls:at]
                         # `git@github.com:org/repo` is a service account, and user:pass@host is a URL.
-                        if ls < at and local != "git" and not _in_url_userinfo(text, ls):
+                        if (ls < at and local != "git" and not _in_url_userinfo(text, ls)
+                                and not (self.keep_documentation_emails and _doc_domain(dom.group()))
+                                and dom.group().rsplit(".", 1)[-1].lower() not in _FILE_EXTS):
                             self._add(out, ls, dom.end(), "email")
             at = text.find("@", at + 1)
 
@@ -772,22 +986,29 @@ class Redactor:
         n, done, tok = len(text), -1, None
         want_assign = "secret_assignment" in self._on
         want_window = "entropy" in self._on or "aws_secret_key" in self._on
+        add = None
         for i in occ:
             if i < done:
                 continue  # another root of a key already handled (`secret_key`)
             j = run.find(b" ", i, i + 64)
             ke = j if j >= 0 else min(n, i + 64)
+            if low.startswith(b"pass", i) and "password_cli" in self._on:  # sshpass, htpasswd, .netrc, <password>
+                families.pass_context(text, low, i, add := add or self._adder(text, out))
             word = low[i:ke].rstrip(b"0123456789_-")
             if word not in _KEY_WORDS_B:  # `passed`, `token_count`, `Author`: the cheap, common rejection
-                if word == b"authorization" and "bearer_token" in self._on:
-                    self._bearer(text, i, ke, _AUTH_HEADER, out)
+                if word == b"authorization":
+                    if "bearer_token" in self._on:
+                        self._bearer(text, i, ke, _AUTH_HEADER, out)
+                    families.authorization_at(text, i, add := add or self._adder(text, out))
                 continue
             lo = max(0, i - 64)
             j = run.rfind(b" ", lo, i)
             ks = j + 1 if j >= 0 else lo
-            if ks and text[ks - 1] == "<" and text.startswith(">", ke):
+            if ks and text[ks - 1] == "<" and text.startswith(">", ke) and PLACEHOLDER_RE.fullmatch(text, ks - 1, ke + 1):
                 continue  # `<API_KEY_1>` is our own placeholder, not a key name
             key = text[ks:ke]
+            if text.find("-----", i, ke + 5) >= 0:
+                continue  # `-----BEGIN PUBLIC KEY-----`: a PEM header, not a key name
             kind, context = _key_kind(key, i - ks)
             if not context:
                 continue  # a later root may still end this key: `auth_token`
@@ -798,11 +1019,24 @@ class Redactor:
                     g = m.lastgroup
                     nxt = text[m.end()] if m.end() < n else ""
                     v = m.group(g)
+                    trim = 1 if g == "bare" and len(v) > 1 and v[-1] in ".!?" and (not nxt or nxt.isspace()) else 0
+                    v = v[:len(v) - trim]  # `your new password: x9Kq2. Please...`: the full stop ends the sentence
                     if _plausible_value(v, kind, g == "bare", nxt):
-                        self._add(out, m.start(g), m.end(g), "secret_assignment", kind)
+                        end = m.end(g) - trim
+                        if kind == "PASSWORD" and g == "bare" and v.isalpha() and v.islower() and (
+                                w := _PHRASE.match(text, end)) and not set(w.group().split()) & _PROSE_WORDS:
+                            end = w.end()  # `passphrase: correct horse battery staple`
+                        self._add(out, m.start(g), end, "secret_assignment", kind)
                         if self._aws_secret(v, key, low, ks, ke):
                             self._add(out, m.start(g), m.end(g), "aws_secret_key")
                         continue  # the value is covered; the window would only find it again
+                else:  # the name in one field, the value in its sibling: `{"name": "DB_PASSWORD", "value": "..."}`
+                    m = _SIBLING.match(text, ke)
+                    if m and _plausible_value(m.group(1), kind, False, ""):
+                        self._add(out, m.start(1), m.end(1), "secret_assignment", kind)
+                        if self._aws_secret(m.group(1), key, low, ks, ke):
+                            self._add(out, m.start(1), m.end(1), "aws_secret_key")
+                        continue
             if want_window:
                 if tok is None:
                     tok = raw.translate(_TOK_T)
@@ -848,6 +1082,12 @@ class Redactor:
                 and len(set(t)) >= 12
                 and _entropy(t) >= self.entropy_threshold
             ):
+                self._add(out, s, e, "entropy")
+            elif ("entropy" in self._on and 32 <= len(t) <= 128 and _HEX_SECRET.fullmatch(t)
+                  and (_strong_key(key) or low.endswith((b"api ", b"access ", b"secret ", b"signing "), 0, ks))
+                  and _HEX_GAP.fullmatch(text, ke, s)):
+                # a hex secret after a secret word (`twilio auth token 3f9a...`, `webhook secret: ...`);
+                # only after token/secret/password/api key, never after a bare `key` (a cache key, a SHA)
                 self._add(out, s, e, "entropy")
 
     def _bearer(self, text: str, i: int, after: int, rx: re.Pattern, out: list[_Cand]) -> None:
@@ -901,17 +1141,103 @@ class Redactor:
 
     @staticmethod
     def _resolve(cands: list[_Cand]) -> list[Finding]:
-        """Merge overlapping candidates; the merged span takes the highest-priority detector's kind."""
-        if not cands:
-            return []
-        cands.sort()
-        merged: list[list] = []
-        for s, e, det, kind in cands:
-            if merged and s < merged[-1][1]:
-                last = merged[-1]
-                last[1] = max(last[1], e)
-                if _PRIO[det] < _PRIO[last[2]]:
-                    last[2], last[3] = det, kind
-            else:
-                merged.append([s, e, det, kind])
-        return [Finding(det, kind, s, e) for s, e, det, kind in merged]
+        return _merge(cands)
+
+
+def merge_findings(found: Sequence[Finding]) -> list[Finding]:
+    """Findings from several sources (scan, keyed values, canaries) as sorted, non-overlapping spans.
+
+    Overlapping or touching-inside spans merge into their union, which takes the kind of the
+    highest-priority detector, so a value is never half-replaced and no raw char survives."""
+    return _merge([(f.start, f.end, f.detector, f.kind) for f in found])
+
+
+def _merge(cands: list[_Cand]) -> list[Finding]:
+    """Merge overlapping candidates; the merged span takes the highest-priority detector's kind."""
+    if not cands:
+        return []
+    cands.sort()
+    merged: list[list] = []
+    for s, e, det, kind in cands:
+        if merged and s < merged[-1][1]:
+            last = merged[-1]
+            last[1] = max(last[1], e)
+            if _PRIO[det] < _PRIO[last[2]]:
+                last[2], last[3] = det, kind
+        else:
+            merged.append([s, e, det, kind])
+    return [Finding(det, kind, s, e) for s, e, det, kind in merged]
+
+
+# --------------------------------------------------------------------------- structure
+
+# A field that names a value held by a sibling field: `{"name": "DB_PASSWORD", "value": "..."}`.
+_NAME_FIELDS = ("name", "key", "header", "variable", "env", "field", "param", "label", "Name", "Key")
+_VALUE_FIELDS = ("value", "Value", "val", "default", "secret", "data", "stringValue", "string_value")
+_VALUE_SET = frozenset(_VALUE_FIELDS)
+# Tool-schema members whose strings are sample values of the property that holds them.
+_SCHEMA_FIELDS = ("default", "example", "examples", "const", "enum")
+
+
+def structural_secrets(obj: object, redactor: "Redactor") -> list[tuple[str, str, str]]:
+    """(value, detector, kind) for secrets whose name is not their own key: a sibling name field
+    (env lists, k8s env, HAR headers) or the schema property that holds a `default`/`example`.
+    Also the plain `"password": "..."` members, so that the leaks stage can re-derive every keyed
+    value from an artifact's structure (any such value that is not a placeholder is a leak)."""
+    out: list[tuple[str, str, str]] = []
+    _walk(obj, redactor, out)
+    return out
+
+
+def _walk(obj: object, r: "Redactor", out: list) -> None:
+    if isinstance(obj, list):
+        for v in obj:
+            if not isinstance(v, str):
+                _walk(v, r, out)
+        return
+    if not isinstance(obj, dict):
+        return
+    name = None
+    if obj.keys() & _VALUE_SET:  # a sibling-name pair needs a value field first: most objects have none
+        name = next((obj[f] for f in _NAME_FIELDS if isinstance(obj.get(f), str)), None)
+    if name is not None and len(name) <= 64:
+        for f in _VALUE_FIELDS:
+            v = obj.get(f)
+            if isinstance(v, str) and f != "key" and (hit := r.key_value(name, v)):
+                out.append((v, *hit))
+    for k, v in obj.items():
+        if isinstance(v, str):
+            if (hit := r.key_value(k, v)) is not None:
+                out.append((v, *hit))
+            continue
+        if k.lower() == "cookies" and isinstance(v, list) and "cookie" in r._on:  # HAR: [{"name", "value"}]
+            for c in v:
+                cv = c.get("value") if isinstance(c, dict) else None
+                if isinstance(cv, str) and len(cv) >= 8 and _looks_random(cv) and _plausible_value(cv, "TOKEN", False, ""):
+                    out.append((cv, "cookie", "COOKIE"))
+        if isinstance(v, dict):
+            for f in _SCHEMA_FIELDS:
+                sv = v.get(f)
+                for s in (sv if isinstance(sv, list) else [sv]):
+                    if isinstance(s, str) and (hit := r.key_value(k, s)):
+                        out.append((s, *hit))
+        _walk(v, r, out)
+
+
+def rule_sets() -> dict[str, dict[str, object]]:
+    """The rule sets the detectors load as data, with their versions (for metrics/redact.json)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(pkg: str) -> str:
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return "missing"
+
+    head, by_head = families.provider_rules()
+    n = len({rid for rules in by_head.values() for rid, _, _ in rules})
+    return {
+        "detect_secrets": {"version": ver("detect-secrets"), "plugins": len(_DS_PLUGINS)},
+        "providers": {"file": "stages/rules/providers.json", "version": head["version"], "rules": n},
+        "phonenumbers": {"version": ver("phonenumbers")},
+    }

@@ -25,7 +25,7 @@ import orjson
 
 from schemas.params import LeaksParams, RedactParams
 from stages.core import load_params, write_json
-from stages.detectors import DETECTORS, Redactor
+from stages.detectors import DETECTORS, Redactor, structural_secrets
 
 TEXT_SUFFIXES = (".json", ".jsonl", ".md", ".csv", ".txt", ".log", ".yaml", ".yml", ".jinja", ".tsv")
 # Tokens a canary hash is compared against: runs of the characters keys and ids are made of.
@@ -91,7 +91,7 @@ def pairs(obj: Any) -> Iterator[tuple[str, str]]:
             yield from pairs(v)
 
 
-def scan_json(obj: Any, redactor: Redactor, canaries: Canaries) -> dict[str, str]:
+def scan_json(obj: Any, redactor: Redactor, canaries: Canaries, _depth: int = 0) -> dict[str, str]:
     """detector -> the first string it fires on, for a decoded JSON value: each string alone, plus
     redact's key=value rule on object members (`{"password": "..."}`), as redact sees a record. JSON
     punctuation is never scanned as text, so `"pass": 1734` in a tokenizer's vocabulary is no finding."""
@@ -99,11 +99,27 @@ def scan_json(obj: Any, redactor: Redactor, canaries: Canaries) -> dict[str, str
     for piece in strings(obj):
         for d in scan_text(piece, redactor, canaries):
             found.setdefault(d, piece)
-    for k, v in pairs(obj):
-        hit = redactor.key_value(k, v)
-        if hit:
-            found.setdefault(hit[0], v)
+        # A string holding JSON (tool-call arguments, a tool result, a double-encoded record): its
+        # structure names secrets too.
+        if _depth < 3 and piece[:1] in "{[" and (inner := _json_inside(piece)) is not None:
+            for d, v in scan_json(inner, redactor, canaries, _depth + 1).items():
+                found.setdefault(d, v)
+    # Keyed values re-derived from the artifact's own structure (`"password": ...`, a sibling name
+    # field, a schema default): redact replaced each with a placeholder, so one still there is a leak.
+    for v, det, _ in structural_secrets(obj, redactor):
+        found.setdefault(det, v)
     return found
+
+
+def _json_inside(text: str) -> Any:
+    """The JSON value a string holds (`"{\\"password\\": ...}"`), or None."""
+    t = text.strip()
+    if len(t) < 2 or t[0] not in "{[" or t[-1] not in "}]":
+        return None
+    try:
+        return orjson.loads(t)
+    except orjson.JSONDecodeError:
+        return None
 
 
 def _line_hits(suffix: str, raw: bytes, redactor: Redactor, canaries: Canaries) -> list[str]:
@@ -263,7 +279,8 @@ def report(scan: dict, params: LeaksParams, canaries: Canaries, scanned: list[st
 def redactor_from(rp: RedactParams) -> Redactor:
     """The same detectors, with the same settings, as the redact stage."""
     return Redactor(ip_public_only=rp.ip_public_only, entropy_threshold=rp.entropy_threshold,
-                    entropy_min_len=rp.entropy_min_len, disabled=frozenset(rp.disabled_detectors))
+                    entropy_min_len=rp.entropy_min_len, disabled=frozenset(rp.disabled_detectors),
+                    keep_documentation_emails=rp.keep_documentation_emails, names=rp.names)
 
 
 def main(argv: list[str] | None = None) -> None:

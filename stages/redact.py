@@ -24,7 +24,7 @@ from collections import Counter
 from itertools import filterfalse
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import orjson
 
@@ -32,7 +32,7 @@ from schemas.params import RedactParams
 from schemas.records import Reject
 from stages.core import (KeyedHasher, atomic_dir, atomic_open, dumps, line_blocks, load_key, load_params, progress,
                          write_json)
-from stages.detectors import BATCH_SEP, Finding, Placeholders, Redactor
+from stages.detectors import BATCH_SEP, Finding, Placeholders, Redactor, merge_findings, rule_sets, structural_secrets
 from stages.readers import (SESSION_FORMATS, ParseError, normalize, normalize_arguments, parse_line, session_traces,
                             sniff_file)
 
@@ -182,25 +182,55 @@ def _literals(fields: dict[str, Any]) -> tuple[list[bytes], bool, bool]:
 
 
 # An object member whose key holds a secret-ish root and whose value is a string, in orjson's compact
-# output (only keys end in `":"`). Most records hold no root at all: seven C-level finds rule them out.
-_ROOTS = (b"pass", b"pwd", b"secret", b"token", b"key", b"auth", b"cred")
-_KEYED = re.compile(rb'(?:pass|pwd|secret|token|key|auth|cred)[^"]{0,64}":"')
+# output (only keys end in `":"`). Most records hold no root at all: a few C-level finds rule them out.
+# The same pass notes where a secret's name is not its own key, so that only those records are walked
+# in Python (detectors.structural_secrets): a root before `":{` (a tool-schema property whose `default`
+# or `example` is a sample value) or before `","value":` (`{"name": "DB_PASSWORD", "value": "..."}`:
+# env lists, k8s env, HAR headers).
+_ROOTS = (b"pass", b"pwd", b"secret", b"token", b"key", b"auth", b"cred", b"cookie", b"birth", b"dob", b"ssn")
+_KEYED = re.compile(rb'(?:pass|pwd|secret|token|key|auth|cred|cookie|birth|dob|ssn)[^"]{0,64}"'
+                    rb'(?::"|:\{|,"(?:value|val|default|secret|data|stringvalue|string_value)":)')
+# Keys that hold a person (not a bare `name`: every tool and function has one).
+_PERSON_KEYED = re.compile(rb'"(?:full_?name|first_?name|given_name|last_?name|surname|family_name|display_?name|'
+                           rb'customer(?:_name)?|contact(?:_name)?|patient(?:_name)?|recipient_name|sender_name|author|'
+                           rb'assignee|owner_name|account_holder|card_?holder|employee_name|user_full_name)":"')
 
 
-def _keyed_secrets(data: bytes, hidden: bool, redactor: Redactor) -> list[tuple[str, str, str]]:
-    """(value, detector, kind) for every `"<secret-ish key>": "<string>"` member of the record.
+def _keyed_secrets(data: bytes, hidden: bool, redactor: Redactor, fields: dict[str, Any] | None = None,
+                   canaries: Sequence[tuple[str, bytes]] = ()) -> list[tuple[str, str, str]]:
+    """(value, detector, kind) for every value the record's structure names secret: `"<secret-ish
+    key>": "<string>"` members, sibling-name pairs and schema defaults, PII named by its key
+    (`"birthdate"`), and the team's canaries.
 
     The detectors see one string at a time, so `{"password": "hunter2"}` (tool-call arguments, metadata)
-    would pass: the key names the secret, the value alone looks like nothing."""
+    would pass: the key names the secret, the value alone looks like nothing. Each value found is then
+    replaced wherever it occurs in the record (prose, arguments, results, metadata, dict keys)."""
+    found = [(c, "canary", "SECRET") for c, lit in canaries if lit in data]
     low = data.lower()
     for r in _ROOTS:
         if r in low:
+            members, nested = _members(_KEYED, data, low, hidden, redactor)
+            found += members
+            if nested and fields is not None:
+                found += structural_secrets(fields, redactor)
             break
-    else:
-        return []
-    found = []
-    for m in _KEYED.finditer(low):
-        ks = low.rfind(b'"', 0, m.start()) + 1
+    if redactor.names:  # `"full_name": "Jane Doe"`, `"customer": "..."` (params redact.names)
+        found += _members(_PERSON_KEYED, data, low, hidden, redactor)[0]
+    return found
+
+
+def _members(rx: re.Pattern, data: bytes, low: bytes, hidden: bool,
+             redactor: Redactor) -> tuple[list[tuple[str, str, str]], bool]:
+    """Redactor.key_value on every `"key":"string"` member whose key `rx` matches (in orjson's compact
+    output); and whether a match was a nested shape that needs the structural walk."""
+    found, nested = [], False
+    for m in rx.finditer(low):
+        tail = m.group()[-2:]
+        if tail != b':"':
+            # a schema property (`"api_key":{`) matters only if the record has sample values at all
+            nested = nested or tail != b':{' or b'"default":' in low or b'"example' in low or b'"const":' in low
+            continue
+        ks = m.start() + 1 if low[m.start()] == 0x22 else low.rfind(b'"', 0, m.start()) + 1  # 0x22: the key's quote
         ve = data.find(b'"', m.end())
         if ks < 2 or data[ks - 2] not in b"{," or ve < 0:
             continue
@@ -209,7 +239,7 @@ def _keyed_secrets(data: bytes, hidden: bool, redactor: Redactor) -> list[tuple[
         hit = redactor.key_value(key, value)
         if hit:
             found.append((value, *hit))
-    return found
+    return found, nested
 
 
 def _decode(json_text: bytes, hidden: bool) -> Any:
@@ -254,14 +284,15 @@ class _Pending:
         self.keyed: list[tuple[str, str, str]] = []  # secrets named by their key (_keyed_secrets)
 
 
-def _prepare(fields: dict[str, Any], redactor: Redactor, cache: CleanCache | None) -> _Pending:
+def _prepare(fields: dict[str, Any], redactor: Redactor, cache: CleanCache | None,
+             canaries: Sequence[tuple[str, bytes]] = ()) -> _Pending:
     """Take every string out of a normalised record (dict keys and tool-call argument values
     included) and reserve the placeholders already in them; the scan itself comes later."""
     _arguments_json(fields["messages"])
     p = _Pending(fields)
     parts, p.hidden, lt, data = _split(fields)
     p.lits = parts[1::2]
-    p.keyed = _keyed_secrets(data, p.hidden, redactor)
+    p.keyed = _keyed_secrets(data, p.hidden, redactor, fields, canaries)
     if len(p.lits) < 2:  # redact_many redacts a lone string on its own; keep that path exact (and the walk)
         texts: list[str] = []
         _collect(fields, texts)
@@ -312,21 +343,24 @@ def _positions(lits: list[bytes], todo: list[bytes]) -> list[int]:
 
 
 def _keyed_findings(p: _Pending) -> list[Finding]:
-    """Every occurrence of a keyed secret's value in the record's text, the key's own value included."""
-    out = []
+    """Every occurrence of a keyed secret's value in the record's text, the key's own value included.
+    A short value (< 6 chars) counts only where it is not part of a longer word or number."""
+    out, text = [], p.text
     for value, detector, kind in p.keyed:
-        i = p.text.find(value)
+        n, short = len(value), len(value) < 6
+        i = text.find(value)
         while i >= 0:
-            out.append(Finding(detector, kind, i, i + len(value)))
-            i = p.text.find(value, i + len(value))
+            if not short or not ((i and text[i - 1].isalnum()) or (i + n < len(text) and text[i + n].isalnum())):
+                out.append(Finding(detector, kind, i, i + n))
+            i = text.find(value, i + n)
     return out
 
 
 def _finish(p: _Pending, found: list[Finding], redactor: Redactor,
             cache: CleanCache | None) -> tuple[dict[str, Any], Counter]:
     """Apply a record's findings (if any) and turn tool-call arguments back into JSON text."""
-    if p.keyed:
-        found = found + _keyed_findings(p)
+    if p.keyed:  # other sources: merged so that spans are sorted and disjoint (the glaive leak, issue 10)
+        found = merge_findings(found + _keyed_findings(p))
     if p.done is not None:
         out = p.done
     elif found:  # rare (a few % of traces): only then split into strings and rebuild the record
@@ -343,10 +377,15 @@ def _finish(p: _Pending, found: list[Finding], redactor: Redactor,
     return out, p.table.counts
 
 
-def redact_fields(fields: dict[str, Any], redactor: Redactor,
-                  cache: CleanCache | None = None) -> tuple[dict[str, Any], Counter]:
+def canary_literals(canaries: Iterable[str]) -> list[tuple[str, bytes]]:
+    """(canary, its JSON-escaped form): what `_keyed_secrets` looks for in orjson's output."""
+    return [(c, orjson.dumps(c)[1:-1]) for c in canaries if c]
+
+
+def redact_fields(fields: dict[str, Any], redactor: Redactor, cache: CleanCache | None = None,
+                  canaries: Sequence[tuple[str, bytes]] = ()) -> tuple[dict[str, Any], Counter]:
     """Redact every string of a normalised record; returns it with per-detector counts."""
-    p = _prepare(fields, redactor, cache)
+    p = _prepare(fields, redactor, cache, canaries)
     return _finish(p, _scan_many([p], redactor)[0], redactor, cache)
 
 
@@ -377,8 +416,11 @@ class Worker:
         self.params = params
         self.hasher = KeyedHasher(key)
         self.redactor = Redactor(ip_public_only=params.ip_public_only, entropy_threshold=params.entropy_threshold,
-                                 entropy_min_len=params.entropy_min_len, disabled=frozenset(params.disabled_detectors))
+                                 entropy_min_len=params.entropy_min_len, disabled=frozenset(params.disabled_detectors),
+                                 keep_documentation_emails=params.keep_documentation_emails, names=params.names)
         self.cache = CleanCache()
+        # Canaries are replaced wherever they occur (value-level defence); leaks still checks for them.
+        self.canaries = canary_literals(params.canaries) if "canary" not in params.disabled_detectors else []
 
     def __call__(self, item: tuple[str, str, int, bytes]) -> tuple[str, bytes, dict]:
         rel, bucket, lineno, raw = item
@@ -413,7 +455,7 @@ class Worker:
                 continue
             source_id = fields.pop("source_id")
             ineligible = eligibility(fields, self.params)
-            pending.append((slot, lineno, source_id, ineligible, _prepare(fields, self.redactor, self.cache)))
+            pending.append((slot, lineno, source_id, ineligible, _prepare(fields, self.redactor, self.cache, self.canaries)))
         found = _scan_many([p for *_, p in pending], self.redactor)
         for (slot, lineno, source_id, ineligible, p), f in zip(pending, found):
             fields, counts = _finish(p, f, self.redactor, self.cache)
@@ -569,6 +611,7 @@ def run(raw_root: Path, out_traces: Path, out_rejects: Path, params: RedactParam
         "traces_with_redactions": traces_with_redactions, "traces_by_bucket": dict(sorted(by_bucket.items())),
         "session_lines_merged": stats["merged_lines"], "omitted_by_kind": dict(sorted(omitted_kinds.items())),
         "key_fingerprint": KeyedHasher(key).fingerprint(),
+        "rules": rule_sets(),
     }
 
 

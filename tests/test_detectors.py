@@ -44,7 +44,7 @@ TRUE_POSITIVES = [
     ("url_password", "PASSWORD", "postgres://app:Tr0ub4dor@db.internal:5432/main", "Tr0ub4dor"),
     ("url_password", "PASSWORD", "git clone https://alice:Sup3rS3cret@github.com/org/repo.git", "Sup3rS3cret"),
     ("url_password", "PASSWORD", "REDIS_URL=redis://:hunter2pass@cache:6379/0", "hunter2pass"),
-    ("email", "EMAIL", "contact alice.smith@example.com today", "alice.smith@example.com"),
+    ("email", "EMAIL", "contact alice.smith@acme-corp.com today", "alice.smith@acme-corp.com"),
     ("email", "EMAIL", "<Bob.Smith+tag@mail.example.co.uk>", "Bob.Smith+tag@mail.example.co.uk"),
     ("email", "EMAIL", "mailto:ops@corp.io", "ops@corp.io"),
     ("email", "EMAIL", "@pytest.fixture\ndef f(): return 'ops@corp.io'", "ops@corp.io"),
@@ -100,7 +100,7 @@ TRUE_POSITIVES = [
     ("secret_assignment", "TOKEN", "GITHUB_TOKEN: tok_live_51", "tok_live_51"),
     ("bearer_token", "TOKEN", "Authorization: Bearer abcDEF123456.xyz", "abcDEF123456.xyz"),
     ("bearer_token", "TOKEN", "curl -H 'Authorization: Basic dXNlcjpwYXNzd29yZA=='", "dXNlcjpwYXNzd29yZA=="),
-    ("bearer_token", "TOKEN", "bearer ya29.a0AfH6SMBx-Opaque_Token", "ya29.a0AfH6SMBx-Opaque_Token"),
+    ("bearer_token", "TOKEN", "bearer a0AfH6SMBx-Opaque_Token9", "a0AfH6SMBx-Opaque_Token9"),
     ("credit_card", "CREDIT_CARD", "card 4111 1111 1111 1111 exp 12/29", "4111 1111 1111 1111"),
     ("credit_card", "CREDIT_CARD", "mc 5555-5555-5555-4444.", "5555-5555-5555-4444"),
     ("credit_card", "CREDIT_CARD", "amex=378282246310005", "378282246310005"),
@@ -127,7 +127,54 @@ TRUE_POSITIVES = [
     ("home_path", "HOME", "~bo", "bo"),
     ("entropy", "SECRET", "my secret is aB3dE5fG7hJ9kL1mN3pQ5rS7", "aB3dE5fG7hJ9kL1mN3pQ5rS7"),
     ("entropy", "SECRET", "the signing key: Zx8Qw2Er5Ty7Ui9Op1As3Df6Gh", "Zx8Qw2Er5Ty7Ui9Op1As3Df6Gh"),
+    # issue 10 families
+    ("auth_header", "TOKEN", "Authorization: OAuth oauth_consumer_key=k1x9, oauth_signature=Zq81mX2", "Zq81mX2"),
+    ("auth_header", "TOKEN", "-H 'Authorization: SSWS 00QCjAl4MlV-WPXM-0123456789abcdef'", "00QCjAl4MlV-WPXM"),
+    ("cookie", "COOKIE", "Cookie: sessionid=abc123def456; theme=dark", "abc123def456"),
+    ("cookie", "COOKIE", "Set-Cookie: sid=Zx81kd92ma; Path=/; HttpOnly", "Zx81kd92ma"),
+    ("signed_url", "SIGNATURE", "GET https://b.s3.amazonaws.com/f?X-Amz-Signature=abcdef0123456789abcd&X-Amz-Date=1", "abcdef0123456789abcd"),
+    ("signed_url", "SIGNATURE", "https://acct.blob.core.windows.net/c/f?sv=2021-08-06&sig=Q2x8mZ%2Bk9L0pA%3D", "Q2x8mZ%2Bk9L0pA%3D"),
+    ("password_cli", "PASSWORD", "mysql -u root -pS3cr3tPw shop", "S3cr3tPw"),
+    ("password_cli", "PASSWORD", "sshpass -p 'hunter22x' ssh deploy@host", "hunter22x"),
+    ("password_cli", "PASSWORD", "htpasswd -b .htpasswd admin Adm1nPass", "Adm1nPass"),
+    ("password_cli", "PASSWORD", "curl -u bob:B0bPass99 https://api.acme.io", "B0bPass99"),
+    ("password_cli", "PASSWORD", "machine api.acme.io login bob password N3trcPass", "N3trcPass"),
+    ("password_cli", "PASSWORD", "<password>XmlPass99</password>", "XmlPass99"),
+    ("provider_token", "TOKEN", "DATABRICKS_TOKEN is dapi0123456789abcdef0123456789abcdef", "dapi0123456789abcdef0123456789abcdef"),
+    ("provider_token", "TOKEN", "vault login " + "hv" + "s.CAESIJ8a9sdf8a7sdf98a7sdf9a8sdfQ", "s.CAESIJ8a9sdf8a7sdf98a7sdf9a8sdfQ"),
+    ("webhook", "WEBHOOK", "post to https://discord.com/api/webhooks/1234567890123/AbCdEfGhIjKlMnOpQrStUv", "AbCdEfGhIjKlMnOpQrStUv"),
+    ("webhook", "WEBHOOK", "https://acme.webhook.office.com/webhookb2/1a2b3c4d-5e6f@7a8b/IncomingWebhook/9c0d", "1a2b3c4d-5e6f"),
+    ("dob", "DOB", "patient DOB: 03/12/1984, allergies none", "03/12/1984"),
+    ("dob", "DOB", "she was born on 12 March 1984 in Leeds", "12 March 1984"),
+    ("passport", "PASSPORT", "passport number X1234567 expires 2030", "X1234567"),
+    ("passport", "PASSPORT", "Passport: 533380006", "533380006"),
+    ("ssn", "SSN", "SSN 123456789 on file", "123456789"),
+    ("ssn", "SSN", "social security number: 123 45 6789", "123 45 6789"),
+    ("mac_address", "MAC", "device mac 00:1A:2B:3C:4D:5E joined", "00:1A:2B:3C:4D:5E"),
+    ("mac_address", "MAC", "wifi MAC 3c-22-fb-12-ab-9e", "3c-22-fb-12-ab-9e"),
+    ("geo", "LOCATION", "last seen at 51.50735, -0.12776 yesterday", "51.50735"),
+    ("geo", "LOCATION", '{"loc": "40.712776,-74.005974"}', "40.712776"),
+    ("phone", "PHONE", "call me on 07700 900123 after six", "07700 900123"),
+    ("phone", "PHONE", "mobile: 030 12345678", "030 12345678"),
+    ("email", "EMAIL", "write to jane at acme dot com", "jane at acme dot com"),
+    ("email", "EMAIL", "bob [at] corp [dot] io", "bob [at] corp [dot] io"),
+    ("encoded", "PASSWORD", "echo cGFzc3dvcmQ9aHVudGVyMjIy | base64 -d", "cGFzc3dvcmQ9aHVudGVyMjIy"),
+    ("encoded", "EMAIL", "next=https%3A%2F%2Fx.io%3Femail%3Djane%40acme.io", "jane%40acme"),
+    ("secret_assignment", "PASSWORD", "export PGPASSWORD=s3cretPGpw", "s3cretPGpw"),
+    ("secret_assignment", "PASSWORD", "p\u0430ssword=Hom0glyphPw and pass\u200bword=ZeroWidthPw1", "Hom0glyphPw"),
 ]
+# Found only from a record's structure or the team's list, never by a scan of one string; and the
+# name families, which only params redact.names turns on (tested below with names=True).
+STRUCTURAL_ONLY = {"canary", "person_name", "street_address"}
+NAME_VECTORS = [
+    ("person_name", "NAME", "Hi, my name is Priya Raman and I need a refund", "Priya Raman"),
+    ("person_name", "NAME", "Dear John Smith,\nyour order shipped", "John Smith"),
+    ("person_name", "NAME", "Thanks!\nRegards,\nMaria Gonzalez", "Maria Gonzalez"),
+    ("street_address", "ADDRESS", "ship to 1600 Pennsylvania Ave NW, Washington, DC 20500 today", "1600 Pennsylvania"),
+    ("street_address", "ADDRESS", "I live at 221B Baker Street, London NW1 6XE", "Baker Street"),
+]
+NAME_LOOKALIKES = ["The Order Service failed", "Hello World program", "Name: string, required", "chapter 7 Deep Learning",
+                   "error 404 Not Found", "Dear team, the build is green"]
 
 FALSE_POSITIVES = [
     "src/stages/redact.py",
@@ -169,7 +216,7 @@ FALSE_POSITIVES = [
     "tokenizer_config.json, TokenCounter, keyboard, monkey, bypass = True",
     "-rw-r--r--  1 dev dev   4096 Apr 25 10:00 params.yaml",
     "timestamp 1714000000000 and 1714000000123456789",
-    "00:1A:2B:3C:4D:5E and 10:00:00.123",
+    "at 10:00:00.123 and 12:30",
     "sk-learn-pipeline-configuration-loader",
     "hf_hub_download(repo_id) and hf_transfer_enabled_for_large_files",
     "from billing import APBBillingService\nclass X(ApplicationBaseController): pass",
@@ -195,7 +242,7 @@ def _by_detector() -> dict[str, list[tuple]]:
 
 def test_every_detector_has_two_true_positives():
     counts = {d: len(v) for d, v in _by_detector().items()}
-    assert {d for d in DETECTORS if counts.get(d, 0) < 2} == set()
+    assert {d for d in DETECTORS if counts.get(d, 0) < 2} - STRUCTURAL_ONLY == set()
 
 
 @pytest.mark.parametrize("detector,kind,text,secret", TRUE_POSITIVES, ids=[f"{r[0]}-{i}" for i, r in enumerate(TRUE_POSITIVES)])
@@ -205,6 +252,19 @@ def test_true_positive(detector, kind, text, secret):
     out = R.redact(text, Placeholders())
     assert secret not in out, out
     assert f"<{kind}_1>" in out, out
+
+
+@pytest.mark.parametrize("detector,kind,text,secret", NAME_VECTORS)
+def test_names_and_addresses_with_the_param(detector, kind, text, secret):
+    rn = Redactor(names=True)
+    assert detector in {f.detector for f in rn.scan(text)}
+    assert secret not in rn.redact(text, Placeholders())
+    assert R.scan(text) == [] or detector not in {f.detector for f in R.scan(text)}  # off by default
+
+
+@pytest.mark.parametrize("text", NAME_LOOKALIKES + FALSE_POSITIVES)
+def test_names_param_keeps_look_alikes(text):
+    assert Redactor(names=True).scan(text) == []
 
 
 @pytest.mark.parametrize("text", FALSE_POSITIVES)
@@ -445,7 +505,7 @@ def test_consistent_within_a_trace(texts):
         "~a" * 100_000,
         "<EMAIL_" * 30_000,
         # a 2 MB line of mostly benign code and prose with secrets sprinkled in
-        ("lorem ipsum 2026-04-25 src/x.py token_count = 5; " * 50 + "alice@example.com key: aB3dE5fG7hJ9kL1mN3pQ5rS7 /home/bob/x 8.8.8.8 ") * 780,
+        ("lorem ipsum 2026-04-25 src/x.py token_count = 5; " * 50 + "alice@acme-corp.io key: aB3dE5fG7hJ9kL1mN3pQ5rS7 /home/bob/x 8.8.8.8 ") * 780,
     ],
     ids=lambda t: repr(t[:12]),
 )

@@ -58,3 +58,25 @@ def test_json_is_scanned_as_json_keyed_secrets_found_and_syntax_never_read_as_te
     rep = scan_paths([tmp_path], Redactor(), Canaries(), root=tmp_path)
     assert [(h["file"], h["line"], h["detector"]) for h in rep["hits"]] == [
         ("cfg.json", 4, "secret_assignment"), ("cfg.json", 5, "email"), ("rows.jsonl", 1, "secret_assignment")]
+
+
+def test_keyed_values_are_re_derived_from_the_artifact_structure(tmp_path):
+    """A value the structure names secret (its key, a sibling name field, a schema default), also inside
+    JSON text held in a string (tool-call arguments), is a hit unless it is a placeholder."""
+    leaked = [
+        {"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "login",
+                                                                        "arguments": json.dumps({"user": "ops", "password": "hunter2"})}}]}]},
+        {"extra": {"env": [{"name": "DB_PASSWORD", "value": "pg-s3cret"}]}},
+        {"tools": [{"parameters": {"properties": {"api_key": {"type": "string", "default": "k_9f8e7d6c5b"}}}}]},
+    ]
+    clean = [
+        {"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "login",
+                                                                        "arguments": json.dumps({"password": "<PASSWORD_1>"})}}]}]},
+        {"extra": {"env": [{"name": "DB_PASSWORD", "value": "<PASSWORD_2>"}, {"name": "REGION", "value": "eu-west-1"}]}},
+        {"extra": {"password": "[FILTERED]", "token": "********"}},
+    ]
+    (tmp_path / "leaked.jsonl").write_text("".join(json.dumps(r) + "\n" for r in leaked))
+    (tmp_path / "clean.jsonl").write_text("".join(json.dumps(r) + "\n" for r in clean))
+    rep = scan_paths([tmp_path], Redactor(), Canaries(), root=tmp_path)
+    assert sorted((h["file"], h["line"]) for h in rep["hits"]) == [("leaked.jsonl", 1), ("leaked.jsonl", 2), ("leaked.jsonl", 3)]
+    assert "hunter2" not in json.dumps(rep)

@@ -13,7 +13,7 @@ from stages.redact import (CleanCache, _arguments_json, _arguments_text, _collec
 # Strings that stress the split: quotes, backslashes before quotes, control chars, non-ASCII, NUL,
 # placeholders, and secrets so that the found/rebuild path runs too.
 NASTY = ['"', "\\", '\\"', '\\\\"', "\\\\", "\n", "\x00", "\x01", "\x02", "\u2028", "é", "😀", "<EMAIL_1>",
-         "alice@example.com", "password=hunter2x", "AKIAIOSFODNN7EXAMPLE", "ghp_" + "a1B2" * 9, "192.0.2.1",
+         "alice@acme-corp.io", "password=hunter2x", "AKIAIOSFODNN7EXAMPLE", "ghp_" + "a1B2" * 9, "192.0.2.1",
          "8.8.8.8", "/home/bob/x", "token: Zx9kQ2mN8vB4cR7tY1uI0oP3", " ", ":"]
 text = st.lists(st.sampled_from(NASTY) | st.text(max_size=6), max_size=6).map("".join)
 scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False, allow_infinity=False) | text
@@ -68,11 +68,11 @@ def test_redact_fields_matches_the_walk(content, name, extra, args):
 
 def test_redact_fields_finds_secrets_in_keys_and_arguments():
     fields = {"format": "openai", "messages": [{"role": "assistant", "content": "", "tool_calls": [
-        {"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"to": "bob@example.com"}'}}]}],
-        "extra": {"carol@example.com": 'say "hi" \\" to dave@example.org'}}
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"to": "bob@acme-corp.io"}'}}]}],
+        "extra": {"carol@acme-corp.io": 'say "hi" \\" to dave@acme-corp.net'}}
     out, counts = redact_fields(fields, REDACTOR)
     blob = orjson.dumps(out)
-    assert b"example.com" not in blob and b"example.org" not in blob
+    assert b"acme-corp.io" not in blob and b"acme-corp.net" not in blob
     assert counts["email"] == 3
 
 
@@ -94,14 +94,14 @@ def test_clean_cache_changes_nothing(pairs):
 
 def test_clean_cache_keeps_only_clean_strings():
     cache = CleanCache()
-    fields = {"format": "openai", "messages": [{"role": "user", "content": "mail bob@example.com"}], "extra": {}}
+    fields = {"format": "openai", "messages": [{"role": "user", "content": "mail bob@acme-corp.io"}], "extra": {}}
     redact_fields(copy.deepcopy(fields), REDACTOR, cache)
     assert not cache.clean  # a trace with a finding adds nothing
     clean = {"format": "openai", "messages": [{"role": "user", "content": "hello there"}], "extra": {}}
     redact_fields(copy.deepcopy(clean), REDACTOR, cache)
     assert b"hello there" in cache.clean
     out, counts = redact_fields(copy.deepcopy(fields), REDACTOR, cache)
-    assert "bob@example.com" not in orjson.dumps(out).decode() and counts["email"] == 1
+    assert "bob@acme-corp.io" not in orjson.dumps(out).decode() and counts["email"] == 1
 
 
 def test_block_equals_one_by_one():
@@ -111,7 +111,7 @@ def test_block_equals_one_by_one():
     from schemas.params import RedactParams
     from stages.redact import SCAN_BATCH, Worker
 
-    secrets = ["bob@example.com", "AKIAIOSFODNN7EXAMPLE", "ghp_" + "a1B2" * 9, "password=hunter2x", "8.8.8.8",
+    secrets = ["bob@acme-corp.io", "AKIAIOSFODNN7EXAMPLE", "ghp_" + "a1B2" * 9, "password=hunter2x", "8.8.8.8",
                "my aws", "api_key=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "<EMAIL_1>", "x" * 30, ""]
     lines = []
     for i in range(3 * SCAN_BATCH + 5):
