@@ -291,7 +291,7 @@ _KEY_PREFIX_SIZES = sorted({len(p) for p in _KEY_PREFIXES}, reverse=True)
 _GLUED_OK = frozenset({"password", "passwd", "passphrase", "passcode", "token", "secret", "secretkey", "key",
                        "credentials"})
 # Every key key_value can accept holds one of these (secret words, header names, PII words).
-_KEY_HINT = re.compile(r"pass|pwd|secret|token|key|auth|cred|cookie|sig|birth|dob|ssn|social")
+_KEY_HINT = re.compile(r"pass|pwd|secret|token|key|auth|cred|cookie|sig|birth|dob|ssn|social|mail")
 # JSON keys whose string value is a person's name (checked against the name lists: `names.is_person`).
 _PERSON_KEYS = frozenset("""name full_name fullname first_name firstname given_name last_name lastname surname family_name
 display_name displayname customer_name customer contact_name contact patient_name patient recipient_name
@@ -337,9 +337,16 @@ _HEX_SECRET = re.compile(r"(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]+|(?=[0-9
 _HEX_GAP = re.compile(r"""[ \t"':=>]{0,4}(?:is[ \t]+|was[ \t]+)?""")
 
 
+_FULL_EMAIL = re.compile(r"[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,24}")
+
+
 def _pii_key(stem: str, value: str) -> tuple[str, str] | None:
     """`{"birthdate": "1990-05-15"}`, `{"passport_no": "X1234567"}`, `{"ssn": "123456789"}`: PII whose
-    key names it, as the scan would find it after the word."""
+    key names it, as the scan would find it after the word. `{"email": "jd@example.com"}`: an address in a field
+    that holds someone's address is theirs, even on a documentation domain (those are kept only in prose, where they
+    are examples: the glaive tool-call file signs a user up with one)."""
+    if "mail" in stem and _FULL_EMAIL.fullmatch(value):
+        return "email", "EMAIL"
     if "birth" in stem or stem in ("dob", "date_of_birth", "birthday", "bday"):
         return ("dob", "DOB") if families.date_value(value) else None
     if "passport" in stem:

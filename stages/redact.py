@@ -187,8 +187,8 @@ def _literals(fields: dict[str, Any]) -> tuple[list[bytes], bool, bool]:
 # in Python (detectors.structural_secrets): a root before `":{` (a tool-schema property whose `default`
 # or `example` is a sample value) or before `","value":` (`{"name": "DB_PASSWORD", "value": "..."}`:
 # env lists, k8s env, HAR headers).
-_ROOTS = (b"pass", b"pwd", b"secret", b"token", b"key", b"auth", b"cred", b"cookie", b"birth", b"dob", b"ssn")
-_KEYED = re.compile(rb'(?:pass|pwd|secret|token|key|auth|cred|cookie|birth|dob|ssn)[^"]{0,64}"'
+_ROOTS = (b"pass", b"pwd", b"secret", b"token", b"key", b"auth", b"cred", b"cookie", b"birth", b"dob", b"ssn", b"mail")
+_KEYED = re.compile(rb'(?:pass|pwd|secret|token|key|auth|cred|cookie|birth|dob|ssn|mail)[^"]{0,64}"'
                     rb'(?::"|:\{|,"(?:value|val|default|secret|data|stringvalue|string_value)":)')
 # Keys that hold a person (not a bare `name`: every tool and function has one).
 _PERSON_KEYED = re.compile(rb'"(?:full_?name|first_?name|given_name|last_?name|surname|family_name|display_?name|'

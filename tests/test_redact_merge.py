@@ -42,12 +42,24 @@ def test_glaive_line_69_prose_names_the_keyed_password_before_the_email():
     blob = orjson.dumps(out).decode()
     assert "password123" not in blob
     user = next(m["content"] for m in out["messages"] if "username will be" in (m.get("content") or ""))
-    # every char outside the two values is kept exactly once; the documentation address is kept
-    assert user == 'My username will be "JohnDoe", password will be "<PASSWORD_1>" and email will be "johndoe@example.com".'
+    # every char outside the two values is kept exactly once. The address is on a documentation domain, but the
+    # tool call's `email` field says it is this user's: replaced everywhere (issue 10: no raw value survives).
+    assert user == 'My username will be "JohnDoe", password will be "<PASSWORD_1>" and email will be "<EMAIL_1>".'
+    assert "johndoe@example.com" not in blob
     call = next(m for m in out["messages"] if m.get("tool_calls"))
     args = json.loads(call["tool_calls"][0]["function"]["arguments"])
-    assert args == {"username": "JohnDoe", "password": "<PASSWORD_1>", "email": "johndoe@example.com"}
-    assert counts["secret_assignment"] == 2
+    assert args == {"username": "JohnDoe", "password": "<PASSWORD_1>", "email": "<EMAIL_1>"}
+    assert counts["secret_assignment"] == 2 and counts["email"] == 2
+
+
+def test_documentation_addresses_stay_in_prose_but_not_in_a_field_that_holds_one():
+    f = {"format": "openai", "extra": {}, "messages": [
+        {"role": "user", "content": "Docs say: write to support@example.org for help."},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "c", "type": "function", "function": {
+            "name": "notify", "arguments": json.dumps({"user_email": "ann@example.net"})}}]}]}
+    out, _ = redact_fields(f, Redactor())
+    blob = orjson.dumps(out).decode()
+    assert "support@example.org" in blob and "ann@example.net" not in blob
 
 
 def test_same_shape_with_a_real_address_is_fully_replaced():
