@@ -54,7 +54,7 @@ demo: install key snapshot
 # model"): the measured CPU recipe. It sets these params in the workspace's params.yaml, as `dvc exp run` does;
 # `git checkout params.yaml` goes back to the embedded default (run-cache: nothing reruns). Exit 3: gate blocked.
 SMOLLM2_RECIPE := -S base.source=smollm2-135m-instruct -S train.learning_rate=0.001 -S train.num_epochs=1 \
-	-S train.batch_size=8 -S train.max_length=640 -S train.eval_steps=47
+	-S train.batch_size=8 -S train.max_length=640 -S train.eval_steps=100
 demo-real: install-smollm2 key snapshot
 	-@dvc exp remove -q smollm2 2>/dev/null
 	dvc exp run -n smollm2 $(SMOLLM2_RECIPE)
