@@ -60,7 +60,7 @@ def source_kind(source: str) -> str:
         return "gguf"
     if Path(source).is_dir():
         return "folder"
-    if source.startswith((".", "/", "~")) or os.sep in source.strip("/").replace("/", "", 1):
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:  # a hub id is `name` or `owner/name`
         raise BaseError(f"base.source: {source} is not a folder, a .gguf file, a preset ({', '.join(PRESETS)}), "
                         "'embedded' or a hub id (owner/name)")
     return "hub"
