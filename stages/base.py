@@ -111,8 +111,7 @@ def convert_gguf(path: Path, out: Path) -> None:
     # are already dequantised, so a plain model from the same config takes them as they are.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.name_or_path = ""
-    config._name_or_path = ""
+    config.name_or_path = ""  # the folder it was loaded from: no path reaches config.json
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False, assign=True)

@@ -72,7 +72,7 @@ def two_runs(tiny):
     os.chdir(folder)
     try:
         B.main(_base_argv(folder, paths, "run_a"))
-        T.main(_train_argv(folder, paths, "run_a"))
+        T.main(_train_argv(folder, paths, "run_a") + ["--timing", "timing_a.json"])  # outside run_a: not compared
     finally:
         os.chdir(cwd)
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(ROOT)}
@@ -114,6 +114,11 @@ def test_train_outputs(two_runs, tiny):
     assert metrics["device"] == "cpu" and metrics["precision"] == "fp32" and metrics["quantization"] == "none"
     assert metrics["steps"] == 48
     assert not any(k.endswith("seconds") or "per_second" in k for k in metrics)  # timings stay out
+    timing = json.loads((folder / "timing_a.json").read_text())  # tokens/s over optimizer steps, val passes apart
+    assert timing["val_seconds"] > 0 and timing["train_seconds"] > 0
+    assert timing["train_seconds"] + timing["val_seconds"] <= timing["total_seconds"]
+    assert timing["train_tokens_per_second"] == pytest.approx(
+        metrics["train_tokens"] * metrics["epochs"] / timing["train_seconds"], rel=0.02)
     lines = (run / "metrics/train_loss.csv").read_text().splitlines()
     assert lines[0] == "step,loss,val_loss"
     rows = {int(step): (loss, val) for step, loss, val in (line.split(",") for line in lines[1:])}
