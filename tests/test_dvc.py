@@ -125,7 +125,7 @@ def test_gate_only_experiment_never_retrains(clone):
     _run("git add -A && git -c user.email=t@t -c user.name=t commit -qm tiny", dest, env)
     out = _run("dvc exp run -S gate.min_delta_exact_match=0.3", dest, env)
     assert "Running stage 'gate'" in out, out
-    for stage in ("redact", "export", "build_dataset", "train", "eval", "leaks"):
+    for stage in ("redact", "export", "build_dataset", "base", "train", "eval", "leaks"):
         assert f"Running stage '{stage}'" not in out, out
     shown = _run("dvc exp show --no-pager --csv", dest, env)
     assert "0.3" in shown
