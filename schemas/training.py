@@ -1,4 +1,4 @@
-"""Params of the model stages (train, eval, gate) and the two files eval and gate write.
+"""Params of the model stages (base, train, eval, gate) and the two files eval and gate write.
 
 Params models are extra="forbid": a typo in params.yaml is an error, never a silently ignored key.
 """
@@ -23,7 +23,7 @@ class LoraParams(_Params):
 
 
 class EmbeddedBaseParams(_Params):
-    """The tiny Llama built locally when train.base_model is 'embedded' (see stages/basemodel.py)."""
+    """The tiny Llama built locally when base.source is 'embedded' (see stages/basemodel.py)."""
 
     vocab_size: int = Field(2048, ge=300, description="byte-level BPE vocabulary trained on the train split")
     hidden_size: int = Field(96, ge=8)
@@ -37,22 +37,62 @@ class EmbeddedBaseParams(_Params):
     @model_validator(mode="after")
     def _heads_divide(self) -> "EmbeddedBaseParams":
         if self.hidden_size % self.num_heads:
-            raise ValueError("train.embedded.hidden_size must be a multiple of num_heads")
+            raise ValueError("base.embedded.hidden_size must be a multiple of num_heads")
         return self
 
 
+PRESETS = ("smollm2-135m-instruct",)
+
+
+class BaseParams(_Params):
+    """The base stage: which model data/base/ holds (see stages/base.py). The stage writes its bytes there, so
+    dvc.lock pins the base by content, whatever the source."""
+
+    source: str = Field(
+        "embedded", description="'embedded' (a tiny Llama built from the train split), a preset "
+        f"({', '.join(PRESETS)}), a local folder with safetensors, a .gguf file (llama family), or a hub id")
+    revision: str | None = Field(None, description="hub commit of a hub-id source (required for one: pin it)")
+    allow_download: bool = Field(False, description="false: a hub id is taken from the local HF cache only")
+    seed: int = Field(42, description="embedded: initialisation and pre-training seed")
+    max_length: int = Field(512, ge=8, description="embedded: its context length and pre-training cut")
+    cpu_threads: int = Field(0, ge=0, description="torch threads on CPU (0: one per core); see train.cpu_threads")
+    embedded: EmbeddedBaseParams = Field(default_factory=EmbeddedBaseParams)
+
+
+class BaseManifest(BaseModel):
+    """data/base/model.json: the base's identity, written by base, read by train and eval."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = 1
+    name: str = Field(description="'embedded', the preset, a hub id, or the folder's/file's own name (no path)")
+    kind: Literal["embedded", "preset", "folder", "gguf", "hub"]
+    revision: str | None = Field(None, description="hub commit, or the package version of a preset")
+    source_digest: str | None = Field(None, description="content id of the source file (gguf, preset)")
+    weights_digest: str = Field(description="content id of the safetensors files, by name")
+    files: dict[str, str] = Field(description="every file of data/base but this one: name -> content id")
+    chat_template_digest: str | None
+    has_generation_markers: bool
+    parameters: int
+    model_type: str
+
+
 class TrainParams(_Params):
-    base_model: str = Field("embedded", description="'embedded', a local folder or a hub id")
-    revision: str | None = Field(None, description="hub revision (commit) of base_model; pin it for reproducibility")
-    allow_download: bool = Field(False, description="false: load base_model from the local cache/folder only")
+    chat_template: str = Field(
+        "auto", description="'auto': the base's own template if it marks the assistant turn with {% generation %}, "
+        "else trl's training version of it, else the built-in 'chatml-tools' for a ChatML tokenizer; 'model': the "
+        "base's own template as it is; 'chatml-tools'; or a path to a .jinja file")
+    unrendered_tool_calls: Literal["raise", "drop"] = Field(
+        "raise", description="a row whose tool calls the chat template does not render in the <tool_call> format: "
+        "fail (raise) or drop the row (counted in metrics/train.json)")
     quantization: Literal["auto", "4bit", "none"] = Field(
         "auto", description="auto: QLoRA 4-bit NF4 on CUDA with bitsandbytes, else full-precision LoRA"
     )
     seed: int = 42
     cpu_threads: int = Field(
-        1, ge=0, description="torch threads on CPU (0: one per core). 1 by default: on a shared, busy CPU extra "
-        "threads spin and a step got 3x slower; on an idle 2-core machine 2 threads are 1.7x faster. CPU results are "
-        "byte-reproducible for a given thread count")
+        0, ge=0, description="torch threads on CPU (0: one per core, the default). Set 1 on a shared, busy CPU: "
+        "extra threads spin there and a step got 3x slower; on an idle 2-core machine 2 threads are 1.7x faster. "
+        "CPU results are byte-reproducible for a given thread count")
     learning_rate: float = Field(1e-2, gt=0)
     num_epochs: float = Field(16.0, gt=0)
     max_steps: int = Field(-1, description="> 0 overrides num_epochs")
@@ -80,7 +120,6 @@ class TrainParams(_Params):
     dataloader_persistent_workers: bool = False
     dataloader_pin_memory: bool = False
     lora: LoraParams = Field(default_factory=LoraParams)
-    embedded: EmbeddedBaseParams = Field(default_factory=EmbeddedBaseParams)
     extra_training_args: dict[str, Any] = Field(
         default_factory=dict, description="more SFTConfig/TrainingArguments fields; an unknown name is an error"
     )
@@ -102,7 +141,7 @@ class EvalParams(_Params):
     collapse_whitespace: bool = True
     strip_punctuation: bool = Field(True, description="punctuation counts as a space when comparing answers")
     stopwords: list[str] | None = Field(None, description="None: the built-in English list in stages/metrics.py")
-    cpu_threads: int = Field(1, ge=0, description="torch threads on CPU (0: one per core); see train.cpu_threads")
+    cpu_threads: int = Field(0, ge=0, description="torch threads on CPU (0: one per core); see train.cpu_threads")
     bootstrap_samples: int = Field(2000, ge=100)
     confidence: float = Field(0.95, gt=0.5, lt=1)
     seed: int = 0

@@ -10,18 +10,22 @@ It exists so that the whole flywheel runs end to end on a laptop CPU in minutes,
   chance on held-out cases; the LoRA adapter has to learn the mapping itself.
 
 It is not a language model you would deploy: about 0.4M parameters with the default params (2 layers, hidden 96,
-a 2,048-token vocabulary fitted to one dataset) and no knowledge beyond its train split. Point train.base_model at
-a real model (hub id or local folder) for real use.
+a 2,048-token vocabulary fitted to one dataset) and no knowledge beyond its train split. Point base.source at
+a real model (a preset, a GGUF file, a local folder or a hub id: stages/base.py) for real use.
+
+Also here, shared by base, train and eval: file digests and the check of data/base against its model.json.
 """
 from __future__ import annotations
 
 import math
 import random
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, Sequence
 
-from schemas.training import EmbeddedBaseParams
+from schemas.training import BaseManifest, EmbeddedBaseParams
 from stages.chat import render_tool_call
+from stages.core import content_id, read_json
 
 SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"]
 PAD, EOS = "<|pad|>", "<|end|>"
@@ -49,6 +53,33 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|assistant|>' }}{%- endif -%}"
 )
+
+
+def file_digest(path: Path) -> str:
+    """xxh3-128 of a file's bytes, read in chunks (base weights are hundreds of MB)."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_base(base_dir: Path) -> BaseManifest:
+    """The base stage's model.json, after checking every file it lists against its bytes (train and eval call
+    this: a base edited outside DVC is an error, not a silently different baseline)."""
+    base_dir = Path(base_dir)
+    man = BaseManifest.model_validate(read_json(base_dir / "model.json"))
+    for name, digest in sorted(man.files.items()):
+        path = base_dir / name
+        if not path.is_file() or file_digest(path) != digest:
+            raise SystemExit(f"{base_dir.name}/{name}: missing or changed since the base stage wrote it; "
+                             "rerun it (dvc repro base)")
+    weights = {k: v for k, v in man.files.items() if k.endswith(".safetensors")}
+    if content_id(weights) != man.weights_digest:
+        raise SystemExit(f"{base_dir.name}/model.json: weights_digest does not match its files; rerun the base stage")
+    return man
 
 
 def corpus_texts(rows: Sequence[dict]) -> list[str]:

@@ -1,6 +1,6 @@
 """eval: score the baseline and the adapter on the same held-out cases (val split + eval.jsonl).
 
-    python -m stages.eval --params params.yaml --model-dir data/train --val data/build_dataset/val.jsonl \
+    python -m stages.eval --params params.yaml --base data/base --model-dir data/train --val data/build_dataset/val.jsonl \
         --eval data/build_dataset/eval.jsonl --out data/eval --per-workflow-csv metrics/eval_by_workflow.csv
 
 Both models get the same prompts (every message before the final answer), the same chat template (the adapter's
@@ -62,25 +62,23 @@ def load_cases(val_path: str | None, eval_path: str, include_val: bool, max_exam
 # ---- generation --------------------------------------------------------------------------------------------------
 
 
-def load_models(model_dir: Path):
-    """(PeftModel, tokenizer, model_info). The baseline is the same object with the adapter disabled."""
+def load_models(model_dir: Path, base_dir: Path):
+    """(PeftModel, tokenizer, model_info). The baseline is the same object with the adapter disabled; the base is
+    the base stage's folder, checked against its model.json and against the base train used."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from stages.basemodel import check_base
+
     info = read_json(model_dir / "model.json")
     cuda = torch.cuda.is_available()
-    base_id = info["base_model"]
-    if info.get("base_dir"):
-        base_path = model_dir / info["base_dir"]
-        digest = content_id((base_path / "model.safetensors").read_bytes())
-        if digest != base_id.get("weights_digest"):
-            raise SystemExit(f"{base_path}: weights digest {digest} differs from model.json; rerun train")
-        kwargs: dict[str, Any] = {}
-        source = str(base_path)
-    else:
-        source = base_id["name"]
-        kwargs = {"revision": base_id.get("revision"), "local_files_only": True}
+    base = check_base(base_dir)
+    if base.weights_digest != info["base_model"].get("weights_digest"):
+        raise SystemExit(f"{base_dir.name}: base weights {base.weights_digest} are not the ones the adapter was "
+                         f"trained on ({info['base_model'].get('weights_digest')}); rerun train")
+    source = str(base_dir)
+    kwargs: dict[str, Any] = {"local_files_only": True}
     kwargs.update(use_safetensors=True, trust_remote_code=False)
     if cuda:
         bf16 = torch.cuda.is_bf16_supported()
@@ -208,7 +206,8 @@ def workflow_csv(results: EvalResults) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m stages.eval", description=__doc__.split("\n")[0])
     ap.add_argument("--params", required=True)
-    ap.add_argument("--model-dir", required=True, help="train's output folder (model.json, adapter/, base/)")
+    ap.add_argument("--base", required=True, help="the base stage's folder (model.json, safetensors, tokenizer)")
+    ap.add_argument("--model-dir", required=True, help="train's output folder (model.json, adapter/)")
     ap.add_argument("--val", required=True)
     ap.add_argument("--eval", required=True)
     ap.add_argument("--out", required=True, help="folder for predictions.jsonl and eval_results.json")
@@ -237,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         cases = load_cases(a.val, a.eval, params.include_val, params.max_examples)
         if not cases:
             raise SystemExit("eval: no held-out cases")
-        model, tokenizer, info = load_models(model_dir)
+        model, tokenizer, info = load_models(model_dir, Path(a.base))
         prompts = [(c["prompt"], c["tools"]) for c in cases]
         preds = {}
         with model.disable_adapter():

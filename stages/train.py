@@ -1,6 +1,6 @@
 """train: fit a LoRA adapter on the train split with trl's SFTTrainer (QLoRA 4-bit on CUDA, fp32 LoRA on CPU).
 
-    python -m stages.train --params params.yaml --train data/build_dataset/train.jsonl \
+    python -m stages.train --params params.yaml --base data/base --train data/build_dataset/train.jsonl \
         --val data/build_dataset/val.jsonl --manifest data/build_dataset/dataset_manifest.json \
         --out data/train --metrics metrics/train.json --loss-csv metrics/train_loss.csv
 
@@ -16,8 +16,13 @@ only the labelled positions through the LM head (see _label_positions_trainer: 2
 Determinism: on CPU, seeded with torch deterministic algorithms and in-process data loading, two runs write
 byte-identical files (tests/test_train.py checks it across two processes). On CUDA runs are seeded, not bit-exact.
 
-Outputs (`--out`): adapter/ (weights, config, tokenizer with its chat template, README.md model card), base/ (the
-embedded base, when used, so eval scores the very same baseline) and model.json (base identity for eval and gate).
+The base comes from `--base` (the base stage's data/base: safetensors, tokenizer, model.json with its digests), so
+dvc.lock pins it by content. The chat template is train.chat_template (stages/templates.py): the base's own when it
+marks the assistant turn, trl's training version, or the built-in chatml-tools; a row whose tool calls it would not
+render fails or is dropped and counted (train.unrendered_tool_calls).
+
+Outputs (`--out`): adapter/ (weights, config, tokenizer with the chat template it was trained with, README.md model
+card) and model.json (base identity and chat template, for eval and gate).
 Everything written is deterministic: no clock, host or absolute path. Timings go only to the log and, when asked,
 to `--timing` (keep that file out of DVC's outs: it changes on every run).
 """
@@ -37,7 +42,9 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
-from schemas.training import TrainParams
+from schemas.training import BaseManifest, TrainParams
+from stages import templates
+from stages.basemodel import check_base
 from stages.chat import normalize_tool_calls, parse_tools
 from stages.core import content_id, load_params, read_json, read_jsonl, write_json, write_text
 
@@ -200,31 +207,18 @@ def require_trainable(stats: dict[str, int], split: str, train_on_prompt: bool) 
 # ---- model loading -----------------------------------------------------------------------------------------------
 
 
-def ensure_training_template(tokenizer) -> None:
-    """Give the tokenizer a chat template with {% generation %} markers where trl knows one for its family."""
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
-    if not tokenizer.chat_template:
-        raise TrainError("the base model's tokenizer has no chat template; use an instruct/chat model")
-    if has_generation_markers(tokenizer.chat_template):
-        return
-    try:
-        patched = get_training_chat_template(tokenizer)
-    except ValueError:
-        log("chat template has no {% generation %} block and trl has no training version of it")
-        return
-    if patched:
-        tokenizer.chat_template = patched
-        log("using trl's training version of the chat template (same rendering, plus {% generation %} markers)")
-
-
-def load_hub_base(params: TrainParams, quant: str, cuda: bool, bf16: bool):
+def load_base(base_dir: Path, quant: str, cuda: bool, bf16: bool, gradient_checkpointing: bool):
+    """(model, tokenizer, BaseManifest) from the base stage's folder: safetensors only, no repo code."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    common = {"revision": params.revision, "local_files_only": not params.allow_download, "trust_remote_code": False}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(params.base_model, **common)
+        man = check_base(base_dir)
+    except SystemExit as exc:
+        raise TrainError(str(exc)) from exc
+    common = {"local_files_only": True, "trust_remote_code": False}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(base_dir), **common)
         kwargs: dict[str, Any] = {**common, "use_safetensors": True,
                                   "dtype": (torch.bfloat16 if bf16 else torch.float16) if cuda else torch.float32}
         if quant == "4bit":
@@ -235,19 +229,41 @@ def load_hub_base(params: TrainParams, quant: str, cuda: bool, bf16: bool):
                 bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float16,
             )
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
-        model = AutoModelForCausalLM.from_pretrained(params.base_model, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), **kwargs)
     except OSError as exc:
-        hint = ("" if params.allow_download else " It is looked up locally only: put it in the Hugging Face cache "
-                "(huggingface-cli download ID) or point train.base_model at a folder, or set train.allow_download: true.")
-        raise TrainError(f"cannot load base model {params.base_model!r}: {exc}.{hint}") from exc
+        raise TrainError(f"cannot load the base model in {base_dir.name}/ ({man.name}): {exc}; rerun the base "
+                         "stage (dvc repro base)") from exc
     if quant == "4bit":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    ensure_training_template(tokenizer)
-    return model, tokenizer
+    return model, tokenizer, man
+
+
+def apply_template(tokenizer, params: TrainParams, train_rows: list[dict], val_rows: list[dict]):
+    """Resolve train.chat_template onto the tokenizer; check it against the model's own template and for dropped
+    tool calls. Returns (train rows, val rows, counts and template identity for metrics)."""
+    own = tokenizer.chat_template
+    try:
+        template, name = templates.resolve(tokenizer, params.chat_template)
+        info: dict[str, Any] = {"chat_template": name, "chat_template_digest": content_id(template)}
+        if own and name == "chatml-tools":  # the built-in claims the model's own bytes where those are defined
+            info.update(templates.compare_with_own(tokenizer, template, own, [*train_rows, *val_rows]))
+        tokenizer.chat_template = template
+        train_rows, dropped_train = templates.filter_tool_calls(tokenizer, template, train_rows,
+                                                                params.unrendered_tool_calls, "train")
+        val_rows, dropped_val = templates.filter_tool_calls(tokenizer, template, val_rows,
+                                                            params.unrendered_tool_calls, "val")
+    except templates.TemplateError as exc:
+        raise TrainError(str(exc)) from exc
+    info["unrendered_tool_call_rows_dropped"] = dropped_train + dropped_val
+    log(f"chat template: {name}" + (f", same bytes as the model's own on {info['template_rows_compared']} rows "
+                                     "without tools" if "template_rows_compared" in info else "")
+        + (f"; dropped {dropped_train + dropped_val} rows whose tool calls it does not render "
+           "(train.unrendered_tool_calls: drop)" if dropped_train + dropped_val else ""))
+    return train_rows, val_rows, info
 
 
 # ---- trainer config ----------------------------------------------------------------------------------------------
@@ -425,9 +441,10 @@ def model_card(identity: dict, dataset_digest: str | None, params: TrainParams, 
     base = identity["name"]
     if base == "embedded":
         base_line = ("embedded: a tiny Llama built locally from this dataset's train split (stages/basemodel.py), "
-                     "stored beside this adapter in ../base")
+                     "in the base stage's folder (data/base)")
     else:
-        base_line = f"{base}" + (f" @ {identity['revision']}" if identity.get("revision") else "")
+        base_line = f"{base}" + (f" @ {identity['revision']}" if identity.get("revision") else "") + \
+            " (its weights as the base stage wrote them: data/base)"
     lines = [
         "# agent-flywheel LoRA adapter",
         "",
@@ -439,6 +456,8 @@ def model_card(identity: dict, dataset_digest: str | None, params: TrainParams, 
         f"- Loss: {'whole sequence (train_on_prompt)' if params.train_on_prompt else 'assistant tokens only'}; "
         f"final train loss {metrics['train_loss']}, val loss {metrics['val_loss']}",
         f"- Quantization: {metrics['quantization']} ({metrics['precision']} on {metrics['device']})",
+        f"- Chat template: {metrics['chat_template']} ({metrics['chat_template_digest']}), saved with this "
+        "adapter's tokenizer; tool calls as `<tool_call>` JSON (stages/chat.py)",
         "",
         "Promote it only if the gate stage says so (data/gate/gate.md).",
         "",
@@ -472,13 +491,14 @@ def _replace_dir(staging: Path, out: Path) -> None:
 # ---- main --------------------------------------------------------------------------------------------------------
 
 
-def run(params: TrainParams, train_paths: list[str], val_paths: list[str], manifest_path: str, out: Path,
-        metrics_path: str, loss_csv_path: str, timing_path: str | None = None) -> dict:
+def run(params: TrainParams, base_dir: Path, train_paths: list[str], val_paths: list[str], manifest_path: str,
+        out: Path, metrics_path: str, loss_csv_path: str, timing_path: str | None = None) -> dict:
     t0 = time.perf_counter()
     check_extra_training_args(params.extra_training_args)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not params.allow_download:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the base is a local folder (the base stage's)
+    base_dir = Path(base_dir)
+    base_kind = BaseManifest.model_validate(read_json(base_dir / "model.json")).kind
 
     import datasets
     import torch
@@ -505,7 +525,7 @@ def run(params: TrainParams, train_paths: list[str], val_paths: list[str], manif
         bnb = True
     except Exception:
         bnb = False
-    embedded = params.base_model == "embedded"
+    embedded = base_kind == "embedded"
     quant = resolve_quantization(params.quantization, embedded, cuda, bnb)
     precision = "fp32" if not cuda else ("bf16" if bf16 else "fp16")
     if not cuda:
@@ -523,17 +543,13 @@ def run(params: TrainParams, train_paths: list[str], val_paths: list[str], manif
         log(f"CUDA: LoRA with {precision} mixed precision, base not quantized"
             + ("" if bnb or embedded else " (bitsandbytes is not installed)"))
 
-    if embedded:
-        from stages.basemodel import build_embedded_base
-
-        tb = time.perf_counter()
-        model, tokenizer = build_embedded_base(train_rows, params.embedded, params.seed, params.max_length, log=log)
-        base_seconds = time.perf_counter() - tb
-    else:
-        model, tokenizer = load_hub_base(params, quant, cuda, bf16)
-        base_seconds = 0.0
-    identity: dict[str, Any] = {"name": params.base_model, "revision": params.revision
-                                or getattr(model.config, "_commit_hash", None), "weights_digest": None}
+    model, tokenizer, base = load_base(base_dir, quant, cuda, bf16, params.gradient_checkpointing)
+    identity: dict[str, Any] = {"name": base.name, "revision": base.revision, "weights_digest": base.weights_digest}
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and params.max_length > context:
+        raise TrainError(f"train.max_length={params.max_length} exceeds the base's context of {context} tokens"
+                         + (" (base.max_length)" if embedded else ""))
+    train_rows, val_rows, template_info = apply_template(tokenizer, params, train_rows, val_rows)
 
     train_ds, train_stats = encode_examples(tokenizer, train_rows, params.max_length, params.length_policy,
                                             params.train_on_prompt)
@@ -550,27 +566,30 @@ def run(params: TrainParams, train_paths: list[str], val_paths: list[str], manif
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     PartialState().wait_for_everyone()
-    if embedded and _is_main():
-        # saved before LoRA wraps it: eval loads exactly this as the baseline
-        model.save_pretrained(staging / "base")
-        tokenizer.save_pretrained(staging / "base")
     total_params = sum(p.numel() for p in model.parameters())
     trainer = build_trainer(params, model, tokenizer, train_ds, val_ds, str(staging / "checkpoints"), cuda, bf16)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     log(f"LoRA r={params.lora.r} alpha={params.lora.alpha} on {params.lora.target_modules}: "
         f"{trainable} trainable of {total_params} base parameters")
 
+    val_seconds = _time_evaluations(trainer)
     tt = time.perf_counter()
     result = trainer.train()
-    train_seconds = time.perf_counter() - tt
+    train_seconds = time.perf_counter() - tt - val_seconds[0]  # optimizer steps only: val passes are timed apart
     val_loss = None
     if val_ds:
-        val_loss = round(float(trainer.evaluate()["eval_loss"]), 6)
+        # the loop's own val pass at the last step already measured the final weights: don't pay for it twice
+        # (with early stopping the best weights are loaded back instead: evaluate those)
+        last = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e
+                and e.get("step") == trainer.state.global_step and not params.early_stopping_patience]
+        val_loss = round(float(last[-1] if last else trainer.evaluate()["eval_loss"]), 6)
 
     trainer.save_model(str(staging / "adapter"))  # every rank: gathers sharded weights where needed
     history = loss_rows(trainer.state.log_history)
     metrics = {
-        "base_model": params.base_model,
+        "base_model": base.name,
+        "base_kind": base.kind,
+        **template_info,
         "device": "cuda" if cuda else "cpu",
         "precision": precision,
         "quantization": quant,
@@ -598,15 +617,14 @@ def run(params: TrainParams, train_paths: list[str], val_paths: list[str], manif
 
     shutil.rmtree(staging / "checkpoints", ignore_errors=True)
     (staging / "adapter" / "training_args.bin").unlink(missing_ok=True)
-    if embedded:
-        identity["weights_digest"] = content_id((staging / "base" / "model.safetensors").read_bytes())
-    _fix_adapter_config(staging / "adapter" / "adapter_config.json", params.base_model)
+    _fix_adapter_config(staging / "adapter" / "adapter_config.json", base.name)
     write_text(staging / "adapter" / "README.md", model_card(identity, dataset_digest, params, metrics))
     adapter_digest = content_id(
         {"weights": content_id((staging / "adapter" / "adapter_model.safetensors").read_bytes()),
          "config": content_id((staging / "adapter" / "adapter_config.json").read_bytes())})
     write_json(staging / "model.json", {
-        "base_model": identity, "base_dir": "base" if embedded else None, "adapter_dir": "adapter",
+        "base_model": identity, "base_kind": base.kind, "adapter_dir": "adapter",
+        "chat_template": {"name": template_info["chat_template"], "digest": template_info["chat_template_digest"]},
         "adapter_digest": adapter_digest, "dataset_digest": dataset_digest, "quantization": quant,
         "max_length": params.max_length,
     })
@@ -615,13 +633,33 @@ def run(params: TrainParams, train_paths: list[str], val_paths: list[str], manif
     write_json(metrics_path, metrics)
     write_text(loss_csv_path, loss_csv(history))
     seconds = time.perf_counter() - t0
-    timing = {"total_seconds": round(seconds, 2), "base_build_seconds": round(base_seconds, 2),
-              "train_seconds": round(train_seconds, 2),
+    timing = {"total_seconds": round(seconds, 2), "train_seconds": round(train_seconds, 2),
+              "val_seconds": round(val_seconds[0], 2),
               "train_tokens_per_second": round(train_stats["tokens"] * max(metrics["epochs"], 1e-9) / train_seconds, 1)}
     log(f"timing (not in DVC metrics): {timing}")
     if timing_path:
         write_json(timing_path, timing)
     return metrics
+
+
+def _time_evaluations(trainer) -> list[float]:
+    """Time every val pass (trainer.evaluate, which the training loop calls too) into the returned cell, so that
+    train tokens/s counts optimizer steps only."""
+    import functools
+
+    spent = [0.0]
+    inner = trainer.evaluate
+
+    @functools.wraps(inner)
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - t
+
+    trainer.evaluate = timed
+    return spent
 
 
 def _fix_adapter_config(path: Path, base_model: str) -> None:
@@ -637,6 +675,7 @@ def _fix_adapter_config(path: Path, base_model: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m stages.train", description=__doc__.split("\n")[0])
     ap.add_argument("--params", required=True)
+    ap.add_argument("--base", required=True, help="the base stage's folder (model.json, safetensors, tokenizer)")
     ap.add_argument("--train", required=True)
     ap.add_argument("--val", required=True)
     ap.add_argument("--manifest", required=True)
@@ -646,7 +685,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--timing", help="optional JSON of wall-clock timings (not deterministic: keep out of DVC outs)")
     a = ap.parse_args(argv)
     params = load_params(a.params, "train", TrainParams)
-    m = run(params, [a.train, *params.train_files], [a.val, *params.val_files], a.manifest, Path(a.out),
+    m = run(params, Path(a.base), [a.train, *params.train_files], [a.val, *params.val_files], a.manifest, Path(a.out),
             a.metrics, a.loss_csv, a.timing)
     if _is_main():
         print(f"train: {m['base_model']} + LoRA on {m['train_examples']} examples, {m['steps']} steps "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -82,7 +83,7 @@ def _make_clone(dest: Path) -> tuple[Path, dict]:
     params = yaml.safe_load(p.read_text())
     # A tiny model half so the tests stay fast; the behaviour under test is DVC's, not the model's.
     params["train"].update(max_steps=4, eval_steps=2)
-    params["train"]["embedded"].update(pretrain_epochs=1)
+    params["base"]["embedded"].update(pretrain_epochs=1)
     params["eval"].update(max_examples=8, bootstrap_samples=100)
     p.write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "FLYWHEEL_ID_KEY": "dvc-test-key-0123456789abcdef",
@@ -124,10 +125,34 @@ def test_gate_only_experiment_never_retrains(clone):
     _run("git add -A && git -c user.email=t@t -c user.name=t commit -qm tiny", dest, env)
     out = _run("dvc exp run -S gate.min_delta_exact_match=0.3", dest, env)
     assert "Running stage 'gate'" in out, out
-    for stage in ("redact", "export", "build_dataset", "train", "eval", "leaks"):
+    for stage in ("redact", "export", "build_dataset", "base", "train", "eval", "leaks"):
         assert f"Running stage '{stage}'" not in out, out
     shown = _run("dvc exp show --no-pager --csv", dest, env)
     assert "0.3" in shown
+
+
+def test_the_base_is_pinned_by_content(clone):
+    """dvc.lock records data/base's bytes as a dep of train and eval: one changed byte in one base file and
+    `dvc status` shows both as changed (and back to clean with the byte restored)."""
+    dest, env = clone
+    _run("dvc repro", dest, env)
+    lock = yaml.safe_load((dest / "dvc.lock").read_text())["stages"]
+    for stage in ("train", "eval"):
+        deps = {d["path"]: d for d in lock[stage]["deps"]}
+        assert deps["data/base"]["md5"].endswith(".dir"), deps
+    assert "changed" not in _run("dvc status train eval", dest, env)
+    path = dest / "data/base/config.json"
+    original = path.read_bytes()
+    path.unlink()  # never edit a file in place that may be a link into the DVC cache
+    path.write_bytes(original[:10] + bytes([original[10] ^ 1]) + original[11:])
+    try:
+        out = _run("dvc status train eval", dest, env)
+        for stage in ("train", "eval"):
+            assert re.search(rf"^{stage}:\n\s+changed deps:\n\s+modified:\s+data/base$", out, re.M), out
+    finally:
+        path.unlink()
+        path.write_bytes(original)
+    assert "changed" not in _run("dvc status train eval", dest, env)
 
 
 def test_team_sharing_through_a_remote_leaves_nothing_to_do(clone, tmp_path):

@@ -24,7 +24,7 @@ def test_data_stages_run_with_sockets_blocked(tmp_path, key, monkeypatch):
 
 
 def test_no_trust_remote_code_and_safetensors_only_in_model_code():
-    src = "\n".join((ROOT / "stages" / f).read_text() for f in ("train.py", "eval.py", "basemodel.py"))
+    src = "\n".join((ROOT / "stages" / f).read_text() for f in ("base.py", "train.py", "eval.py", "basemodel.py"))
     assert "trust_remote_code=True" not in src
     assert "use_safetensors=False" not in src
 
@@ -67,21 +67,29 @@ def _tiny_base(folder: Path, safetensors: bool, remote_code_marker: Path | None 
 
 
 def test_base_model_loads_only_from_safetensors_and_never_runs_repo_code(tmp_path):
-    from schemas.training import TrainParams
-    from stages.train import TrainError, load_hub_base
+    """A local-folder base (the base stage) then loaded as train loads it."""
+    from schemas.training import BaseParams
+    from stages.base import BaseError
+    from stages.base import run as materialise
+    from stages.train import load_base
 
     marker = tmp_path / "remote-code-ran"
     good = tmp_path / "good"
+    good.mkdir()
     _tiny_base(good, safetensors=True, remote_code_marker=marker)
-    model, _ = load_hub_base(TrainParams(base_model=str(good)), "none", cuda=False, bf16=False)
+    man = materialise(BaseParams(source=str(good)), "unused.jsonl", tmp_path / "data/base")
+    assert man.kind == "folder" and man.name == "good"  # named by the folder, never by its path
+    assert not (tmp_path / "data/base/evil_modeling.py").exists()  # code is never copied
+    model, _, _ = load_base(tmp_path / "data/base", "none", cuda=False, bf16=False, gradient_checkpointing=False)
     assert type(model).__name__ == "LlamaForCausalLM"  # the library's own class, not the repo's
     assert not marker.exists(), "code shipped with the model was imported"
 
     pickled = tmp_path / "pickled"
+    pickled.mkdir()
     _tiny_base(pickled, safetensors=False)
     assert not list(pickled.glob("*.safetensors")) and list(pickled.glob("*.bin"))
-    with pytest.raises(TrainError, match="cannot load base model"):
-        load_hub_base(TrainParams(base_model=str(pickled)), "none", cuda=False, bf16=False)
+    with pytest.raises(BaseError, match="cannot load base model pickled: no \\*.safetensors.*pickles are never loaded"):
+        materialise(BaseParams(source=str(pickled)), "unused.jsonl", tmp_path / "data/base2")
 
 
 def test_the_hashing_key_never_reaches_an_output_or_a_log(tmp_path):

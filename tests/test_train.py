@@ -20,15 +20,20 @@ from stages import train as T
 ROOT = Path(__file__).resolve().parents[1]
 
 PARAMS = """\
+base:
+  seed: 3
+  max_length: 128
+  cpu_threads: 1
+  embedded: {vocab_size: 400, hidden_size: 64, intermediate_size: 192, pretrain_epochs: 30, pretrain_lr: 0.01}
 train:
   seed: 3
+  cpu_threads: 1
   learning_rate: 0.01
   num_epochs: 12
   batch_size: 16
   eval_steps: 12
   max_length: 128
   lora: {r: 8, alpha: 16}
-  embedded: {vocab_size: 400, hidden_size: 64, intermediate_size: 192, pretrain_epochs: 30, pretrain_lr: 0.01}
 redact: {}
 leaks: {workers: 1}
 eval:
@@ -47,8 +52,13 @@ def tiny(tmp_path_factory):
     return folder, paths
 
 
+def _base_argv(folder: Path, paths: dict, run: str) -> list[str]:
+    return ["--params", str(folder / "params.yaml"), "--train", str(paths["train"]), "--out", f"{run}/data/base"]
+
+
 def _train_argv(folder: Path, paths: dict, run: str) -> list[str]:
-    return ["--params", str(folder / "params.yaml"), "--train", str(paths["train"]), "--val", str(paths["val"]),
+    return ["--params", str(folder / "params.yaml"), "--base", f"{run}/data/base", "--train", str(paths["train"]),
+            "--val", str(paths["val"]),
             "--manifest", str(paths["manifest"]), "--out", f"{run}/data/train", "--metrics",
             f"{run}/metrics/train.json", "--loss-csv", f"{run}/metrics/train_loss.csv"]
 
@@ -57,14 +67,18 @@ def _train_argv(folder: Path, paths: dict, run: str) -> list[str]:
 def two_runs(tiny):
     folder, paths = tiny
     cwd = os.getcwd()
+    from stages import base as B
+
     os.chdir(folder)
     try:
-        T.main(_train_argv(folder, paths, "run_a"))
+        B.main(_base_argv(folder, paths, "run_a"))
+        T.main(_train_argv(folder, paths, "run_a") + ["--timing", "timing_a.json"])  # outside run_a: not compared
     finally:
         os.chdir(cwd)
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-m", "stages.train", *_train_argv(folder, paths, "run_b")], cwd=folder,
-                   env=env, check=True, capture_output=True)
+    for stage, argv in (("base", _base_argv), ("train", _train_argv)):
+        subprocess.run([sys.executable, "-m", f"stages.{stage}", *argv(folder, paths, "run_b")], cwd=folder,
+                       env=env, check=True, capture_output=True)
     return folder / "run_a", folder / "run_b"
 
 
@@ -74,7 +88,7 @@ def _files(run: Path) -> dict[str, bytes]:
 
 def test_two_cpu_trainings_are_byte_identical(two_runs):
     a, b = (_files(r) for r in two_runs)
-    assert "data/train/adapter/adapter_model.safetensors" in a
+    assert "data/train/adapter/adapter_model.safetensors" in a and "data/base/model.safetensors" in a
     assert sorted(a) == sorted(b)
     assert [k for k in a if a[k] != b[k]] == []
 
@@ -87,7 +101,11 @@ def test_train_outputs(two_runs, tiny):
                  "README.md"):
         assert (adapter / name).is_file(), name
     assert not (adapter / "training_args.bin").exists()
-    assert (run / "data/train/base/model.safetensors").is_file()
+    base = json.loads((run / "data/base/model.json").read_text())
+    assert base["kind"] == "embedded" and base["has_generation_markers"] and "model.safetensors" in base["files"]
+    info = json.loads((run / "data/train/model.json").read_text())
+    assert info["base_model"] == {"name": "embedded", "revision": None, "weights_digest": base["weights_digest"]}
+    assert info["chat_template"]["name"] == "model"  # the embedded template marks the assistant turn itself
     card = (adapter / "README.md").read_text()
     digest = json.loads(paths["manifest"].read_text())["digest"]
     assert f"Dataset digest: {digest}" in card and "Base model: embedded" in card and "learning_rate: 0.01" in card
@@ -96,6 +114,11 @@ def test_train_outputs(two_runs, tiny):
     assert metrics["device"] == "cpu" and metrics["precision"] == "fp32" and metrics["quantization"] == "none"
     assert metrics["steps"] == 48
     assert not any(k.endswith("seconds") or "per_second" in k for k in metrics)  # timings stay out
+    timing = json.loads((folder / "timing_a.json").read_text())  # tokens/s over optimizer steps, val passes apart
+    assert timing["val_seconds"] > 0 and timing["train_seconds"] > 0
+    assert timing["train_seconds"] + timing["val_seconds"] <= timing["total_seconds"]
+    assert timing["train_tokens_per_second"] == pytest.approx(
+        metrics["train_tokens"] * metrics["epochs"] / timing["train_seconds"], rel=0.02)
     lines = (run / "metrics/train_loss.csv").read_text().splitlines()
     assert lines[0] == "step,loss,val_loss"
     rows = {int(step): (loss, val) for step, loss, val in (line.split(",") for line in lines[1:])}
@@ -119,7 +142,8 @@ def test_adapter_beats_baseline_end_to_end(two_runs, tiny, capsys):
     run, _ = two_runs
     folder, paths = tiny
     params = str(folder / "params.yaml")
-    E.main(["--params", params, "--model-dir", str(run / "data/train"), "--val", str(paths["val"]), "--eval",
+    E.main(["--params", params, "--base", str(run / "data/base"), "--model-dir", str(run / "data/train"),
+            "--val", str(paths["val"]), "--eval",
             str(paths["eval"]), "--out", str(run / "data/eval"), "--per-workflow-csv", str(run / "metrics/wf.csv")])
     res = EvalResults.model_validate_json((run / "data/eval/eval_results.json").read_text())
     assert res.n == 40
@@ -128,7 +152,8 @@ def test_adapter_beats_baseline_end_to_end(two_runs, tiny, capsys):
     preds = (run / "data/eval/predictions.jsonl").read_text().splitlines()
     assert len(preds) == 80 and {json.loads(p)["model"] for p in preds} == {"baseline", "adapter"}
     first = (run / "data/eval/eval_results.json").read_bytes()
-    E.main(["--params", params, "--model-dir", str(run / "data/train"), "--val", str(paths["val"]), "--eval",
+    E.main(["--params", params, "--base", str(run / "data/base"), "--model-dir", str(run / "data/train"),
+            "--val", str(paths["val"]), "--eval",
             str(paths["eval"]), "--out", str(run / "data/eval"), "--per-workflow-csv", str(run / "metrics/wf.csv"),
             "--rescore"])
     assert (run / "data/eval/eval_results.json").read_bytes() == first  # recomputable without a model
@@ -191,12 +216,13 @@ def test_assistant_only_labels_and_length_policy(tiny):
 def test_lora_trains_adapter_only(tiny):
     import torch
 
+    from schemas.training import EmbeddedBaseParams
     from stages.basemodel import build_embedded_base
 
     rows = _rows(tiny)[:16]
-    params = TrainParams.model_validate({"max_steps": 2, "batch_size": 8, "warmup_ratio": 0.0, "learning_rate": 0.01,
-                                         "embedded": {"vocab_size": 400, "pretrain_epochs": 0}})
-    model, tok = build_embedded_base(rows, params.embedded, 0, 128, log=lambda _m: None)
+    params = TrainParams.model_validate({"max_steps": 2, "batch_size": 8, "warmup_ratio": 0.0, "learning_rate": 0.01})
+    model, tok = build_embedded_base(rows, EmbeddedBaseParams(vocab_size=400, pretrain_epochs=0), 0, 128,
+                                     log=lambda _m: None)
     ds, _ = T.encode_examples(tok, rows, 128, "drop", False)
     import tempfile
 
@@ -228,7 +254,7 @@ def test_unknown_extra_training_args_key_is_an_error():
 def test_unknown_extra_key_fails_before_any_work(tmp_path):
     (tmp_path / "params.yaml").write_text("train:\n  extra_training_args: {warmup_ratioo: 0.1}\n")
     with pytest.raises(T.TrainError, match="warmup_ratioo"):
-        T.main(["--params", str(tmp_path / "params.yaml"), "--train", "missing.jsonl", "--val", "missing.jsonl",
+        T.main(["--params", str(tmp_path / "params.yaml"), "--base", "missing", "--train", "missing.jsonl", "--val", "missing.jsonl",
                 "--manifest", "missing.json", "--out", str(tmp_path / "out"), "--metrics", "m.json", "--loss-csv",
                 "l.csv"])
 
