@@ -24,7 +24,7 @@ import yaml
 from stages.core import KeyedHasher
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("redact", "export", "build_dataset", "train", "eval", "leaks", "gate")
+STAGES = tuple(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])  # every stage of the pipeline
 
 
 def _copy_checkout(dest: Path) -> None:
@@ -43,7 +43,7 @@ def _small_model_half(dest: Path) -> None:
     p = dest / "params.yaml"
     params = yaml.safe_load(p.read_text())
     params["train"].update(max_steps=4, eval_steps=2)
-    params["train"]["embedded"].update(pretrain_epochs=1)
+    params["base"]["embedded"].update(pretrain_epochs=1)
     params["eval"].update(max_examples=8, bootstrap_samples=100)
     p.write_text(yaml.safe_dump(params, sort_keys=False))
 
