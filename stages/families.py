@@ -417,6 +417,8 @@ def national_phone(text: str, s: int, e: int, add: Add) -> None:
     """A digit span that the US/international patterns did not take: a national-format number
     (`07700 900123`, `030 1234567`) when libphonenumber says it is a possible number of a region and
     either a phone word precedes it or it is written the national way (leading 0, grouped)."""
+    if (s and text[s - 1].isalnum()) or (e < len(text) and text[e].isalnum()):
+        return  # glued to a word: `rollout-2026-11-01T08-52-00-90083fa6` (a file name), a hex id, a version
     cand = text[s:e].strip(" .-()")
     digits = sum(c.isdigit() for c in cand)
     # National formats start with the trunk 0 (`07700 900123`, `030 1234567`); others are left to the

@@ -99,3 +99,14 @@ def test_context_never_crosses_from_one_string_to_the_next():
         for a, b in pairs:
             joined = BATCH_SEP.join([a, b])
             assert [f for f in r.scan(joined) if f.start >= len(a)] == [], (a, b)
+
+
+def test_a_digit_run_glued_to_a_word_is_no_national_phone():
+    """A Codex rollout's file name (`rollout-<date>T08-52-00-<uuid>`) reached the leak scan as a phone: a
+    national number stands on its own, never glued to letters or hex."""
+    from stages.detectors import Redactor
+
+    r = Redactor()
+    assert r.scan("traces/codex/rollout-2026-11-01T08-52-00-90083fa6-8ba5-42a7.jsonl") == []
+    assert r.scan("build x07700 900123") == []
+    assert [f.detector for f in r.scan("call me on 07700 900123 today")] == ["phone"]
