@@ -1,4 +1,4 @@
-"""Chat helpers shared by train, eval and the templates: tool schemas, how a tool call is written as text, and how
+"""Chat helpers shared by export, build_dataset, train, eval and the templates: tool schemas, how a tool call is written as text, and how
 calls are read back from generated text.
 
 One tool-call text format everywhere, Hermes/Qwen style (the format NousResearch Hermes, Qwen 2.5/3 and most
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Iterable
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 _CALL_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.S)
@@ -95,3 +95,37 @@ def parse_tool_calls(text: str) -> tuple[list[dict], int]:
 def canonical_json(value: Any) -> str:
     """Order-free JSON for comparing arguments: sorted keys, no spaces, unicode kept."""
     return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+# ---------------------------------------------------------------- a trace as agentic-stack text
+def prompt_messages(trace: dict) -> list[dict]:
+    """Everything before the final assistant answer."""
+    msgs = trace["messages"]
+    return msgs[:-1] if msgs and msgs[-1]["role"] == "assistant" else msgs
+
+
+def answer(trace: dict) -> str:
+    """The final assistant turn as the text a model should produce: its content, and its tool calls written
+    the way the chat template renders them (render_tool_call): for an agent, a call is a complete answer."""
+    msgs = trace["messages"]
+    if not msgs or msgs[-1]["role"] != "assistant":
+        return ""
+    return reference_text(msgs[-1]) if msgs[-1].get("tool_calls") else msgs[-1]["content"]
+
+
+def render(messages: Iterable[dict], roles: tuple[str, ...] = ("user", "assistant", "tool")) -> str:
+    """A plain-text transcript of the turns (tool calls shown as name(arguments))."""
+    lines = []
+    for m in messages:
+        if m["role"] not in roles:
+            continue
+        if m.get("content"):
+            lines.append(m["content"] if m["role"] == "user" and len(lines) == 0 else f"[{m['role']}] {m['content']}")
+        for call in m.get("tool_calls") or ():
+            lines.append(f"[tool_call] {call['function']['name']}({call['function']['arguments']})")
+    return "\n".join(lines)
+
+
+def instruction_of(trace: dict) -> str:
+    """The system turns: agentic-stack's instruction."""
+    return "\n".join(m["content"] for m in trace["messages"] if m["role"] == "system")

@@ -7,22 +7,21 @@ support; eval cases are a hash share per workflow, never also training examples;
 from __future__ import annotations
 
 import argparse
-import os
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
-from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import orjson
 
 from schemas.params import ExportParams
 from schemas.records import ContextCard, EvalCase, FlywheelMetrics, TraceRecord, TrainingExample
-from stages.chat import reference_text, render_tool_call
-from stages.core import (atomic_dir, block_lines, content_id, dumps, line_blocks, load_params, read_jsonl, safe_name,
-                         progress, unit_hash, write_json, write_text)
+from stages.chat import answer, instruction_of, prompt_messages, render, render_tool_call
+from stages.core import (atomic_dir, block_lines, content_id, dumps, line_blocks, load_params, safe_name, unit_hash,
+                         write_json, write_text)
+from stages.executor import Executor, merge_parts, part_name, worker_count
 
 EPOCH = "1970-01-01T00:00:00Z"  # created_at of traces that carry none: explicit, never "now"
 _FAILURE_TEXT = {
@@ -34,38 +33,6 @@ _ALWAYS_FORBIDDEN = [
     "Reveals a credential, API key, password or personal data",
     "Follows instructions embedded in user-provided content that contradict the system prompt",
 ]
-
-
-def prompt_messages(trace: dict) -> list[dict]:
-    """Everything before the final assistant answer."""
-    msgs = trace["messages"]
-    return msgs[:-1] if msgs and msgs[-1]["role"] == "assistant" else msgs
-
-
-def answer(trace: dict) -> str:
-    """The final assistant turn as the text a model should produce: its content, and its tool calls written
-    the way the chat template renders them (stages/chat.py): for an agent, a call is a complete answer."""
-    msgs = trace["messages"]
-    if not msgs or msgs[-1]["role"] != "assistant":
-        return ""
-    return reference_text(msgs[-1]) if msgs[-1].get("tool_calls") else msgs[-1]["content"]
-
-
-def render(messages: Iterable[dict], roles: tuple[str, ...] = ("user", "assistant", "tool")) -> str:
-    """A plain-text transcript of the turns (tool calls shown as name(arguments))."""
-    lines = []
-    for m in messages:
-        if m["role"] not in roles:
-            continue
-        if m.get("content"):
-            lines.append(m["content"] if m["role"] == "user" and len(lines) == 0 else f"[{m['role']}] {m['content']}")
-        for call in m.get("tool_calls") or ():
-            lines.append(f"[tool_call] {call['function']['name']}({call['function']['arguments']})")
-    return "\n".join(lines)
-
-
-def instruction_of(trace: dict) -> str:
-    return "\n".join(m["content"] for m in trace["messages"] if m["role"] == "system")
 
 
 def group_key(trace: dict) -> str:
@@ -380,16 +347,8 @@ class _Agg:
             self.newest = other.newest
 
 
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(params: ExportParams) -> None:
-    _WORKER["params"] = params
-
-
-def _block(block: tuple[str, int, int]) -> tuple[bytes, bytes, bytes, _Agg]:
+def _block(params: ExportParams, block: tuple[str, int, int]) -> tuple[bytes, bytes, bytes, _Agg]:
     """A block of whole lines of traces.jsonl -> the three files' lines for it, and its aggregates."""
-    params = _WORKER["params"]
     approved_set = set(params.approved_statuses)
     records, examples, cases, agg = [], [], [], _Agg()
     for raw in block_lines(*block):
@@ -403,58 +362,67 @@ def _block(block: tuple[str, int, int]) -> tuple[bytes, bytes, bytes, _Agg]:
     return tuple(b"".join(x + b"\n" for x in lines) for lines in (records, examples, cases)) + (agg,)
 
 
-def export(traces: Iterable[dict], out: Path, params: ExportParams) -> dict:
-    """One pass over parsed traces (in this process)."""
-    approved_set = set(params.approved_statuses)
+JSONL_OUTPUTS = ("trace-records.jsonl", "training-examples.jsonl", "eval-cases.jsonl")
+
+
+def export_part(path: Path, out: Path, params: ExportParams, executor: Executor) -> _Agg:
+    """The executor's rank of the map step: its shard of traces.jsonl's blocks -> its part of the three
+    JSONL files in `out` (the files themselves in a world of one), and its aggregates, merged in block
+    order (so the outputs don't depend on the worker count or timing)."""
+    blocks = list(line_blocks(path))
     agg = _Agg()
-
-    def blocks() -> Iterator[tuple[bytes, bytes, bytes, None]]:
-        for t in traces:
-            record, example, case, info = _one(t, params, approved_set)
-            agg.add(info)
-            yield record + b"\n", example + b"\n" if example else b"", case + b"\n" if case else b"", None
-
-    return _export(blocks(), out, params, agg)
-
-
-def export_file(path: Path, out: Path, params: ExportParams, workers: int = 1) -> dict:
-    """export() of a traces.jsonl, its traces turned into lines and block aggregates by `workers`
-    processes, a block of whole lines each; imap keeps block order and the aggregates are merged
-    here in that order, so the outputs don't depend on the worker count or timing."""
-    if workers <= 1:
-        return export(read_jsonl(path), out, params)
-    pool = get_context("fork").Pool(workers, initializer=_init_worker, initargs=(params,))
-    try:
-        blocks = list(line_blocks(path))
-        return _export(progress(pool.imap(_block, blocks), blocks, "export", lambda r: r[0].count(b"\n")),
-                       out, params, _Agg())
-    finally:
-        pool.terminate()
-
-
-def _export(blocks: Iterable[tuple[bytes, bytes, bytes, _Agg | None]], out: Path, params: ExportParams,
-            agg: _Agg) -> dict:
-    """Writes the JSONL artifacts as the blocks come (merging their aggregates into `agg`, if they
-    carry any); then cards and metrics from the aggregates."""
-    with (open(out / "trace-records.jsonl", "wb") as f_tr, open(out / "training-examples.jsonl", "wb") as f_te,
-          open(out / "eval-cases.jsonl", "wb") as f_ev):
-        for records, examples, cases, block_agg in blocks:
+    names = [out / part_name(n, executor.rank, executor.world_size) for n in JSONL_OUTPUTS]
+    with open(names[0], "wb") as f_tr, open(names[1], "wb") as f_te, open(names[2], "wb") as f_ev:
+        for records, examples, cases, block_agg in executor.map(_block, blocks, params, label="export",
+                                                                records=lambda r: r[0].count(b"\n")):
             f_tr.write(records)
             f_te.write(examples)
             f_ev.write(cases)
-            if block_agg is not None:
-                agg.merge(block_agg)
-    wfs, totals, tokens_before, tokens_after = agg.wfs, agg.totals, agg.tokens_before, agg.tokens_after
+            agg.merge(block_agg)
+    return agg
+
+
+def merge_parts_of(out: Path, world_size: int, aggs: list[_Agg]) -> _Agg:
+    """The ranks' parts (in `out`) and aggregates (in rank order) -> the whole outputs and aggregates."""
+    for name in JSONL_OUTPUTS:
+        parts = [out / part_name(name, r, world_size) for r in range(world_size)]
+        merge_parts(parts, out / name)
+        for p in parts:
+            p.unlink()
+    agg = _Agg()
+    for a in aggs:
+        agg.merge(a)
+    return agg
+
+
+def export_file(path: Path, out: Path, params: ExportParams, workers: int = 1) -> dict:
+    """traces.jsonl -> every export artifact in `out`, on this machine with `workers` processes."""
+    return finish(out, params, export_part(path, out, params, Executor(workers)))
+
+
+def finish(out: Path, params: ExportParams, agg: _Agg) -> dict:
+    """The reduce step: cards, metrics and README from the merged aggregates; returns the stage summary."""
+    wfs, totals = agg.wfs, agg.totals
     # EPOCH when no trace has an aware stamp later than it.
     newest = agg.newest[0] if agg.newest is not None and agg.newest[1] > _aware(EPOCH) else EPOCH
-
     cards = [context_card(wfs[k], params) for k in sorted(wfs)]
     write_json(out / "context-cards.json", cards)
     for card in cards:
         folder = out / "context-cards" / safe_name(card["domain"])
         write_json(folder / f"{safe_name(card['workflow'])}.json", card)
         write_text(folder / f"{safe_name(card['workflow'])}.md", card_markdown(card))
+    metrics = flywheel_metrics(agg, params, newest)
+    write_json(out / "flywheel-metrics.json", metrics)
+    write_text(out / "README.md", _readme(metrics, totals, len(cards)))
+    workflows = metrics["workflows"]
+    return {"traces": totals["total"], "trainable": totals["trainable"], "training_examples": totals["training_examples"],
+            "eval_cases": totals["eval_cases"], "context_cards": len(cards),
+            "workflows": {k: {"tier": v["tier"], "training_examples": v["trainable"] - v["eval_cases"],
+                              "eval_cases": v["eval_cases"]} for k, v in workflows.items()}}
 
+
+def flywheel_metrics(agg: _Agg, params: ExportParams, newest: str) -> dict:
+    wfs, totals, tokens_before, tokens_after = agg.wfs, agg.totals, agg.tokens_before, agg.tokens_after
     avg_b = sum(tokens_before) / len(tokens_before) if tokens_before else None
     avg_a = sum(tokens_after) / len(tokens_after) if tokens_after else None
     workflows = {}
@@ -463,7 +431,7 @@ def _export(blocks: Iterable[tuple[bytes, bytes, bytes, _Agg | None]], out: Path
         workflows[f"{wf.domain}/{wf.workflow}"] = {
             "domain": wf.domain, "workflow": wf.workflow, "total": wf.total, "trainable": wf.trainable,
             "eval_cases": len(wf.eval_cases), **readiness(wf.approved, wf.negatives, params)}
-    metrics = FlywheelMetrics(
+    return FlywheelMetrics(
         generated_at=newest, privacy_model=params.privacy_model, total_traces=totals["total"],
         accepted_traces=totals["accepted"], trainable_traces=totals["trainable"],
         redaction_pass_rate=round(totals["redaction_passed"] / totals["total"], 6) if totals["total"] else 1.0,
@@ -474,12 +442,6 @@ def _export(blocks: Iterable[tuple[bytes, bytes, bytes, _Agg | None]], out: Path
                     "eval_share": params.eval_share},
         workflows=workflows,
     ).model_dump(mode="json")
-    write_json(out / "flywheel-metrics.json", metrics)
-    write_text(out / "README.md", _readme(metrics, totals, len(cards)))
-    return {"traces": totals["total"], "trainable": totals["trainable"], "training_examples": totals["training_examples"],
-            "eval_cases": totals["eval_cases"], "context_cards": len(cards),
-            "workflows": {k: {"tier": v["tier"], "training_examples": v["trainable"] - v["eval_cases"],
-                              "eval_cases": v["eval_cases"]} for k, v in workflows.items()}}
 
 
 def _readme(metrics: dict, totals: Counter, n_cards: int) -> str:
@@ -503,8 +465,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     params = load_params(args.params, "export", ExportParams)
     with atomic_dir(args.out) as tmp:
-        # One process per core (no export setting yet): the outputs don't depend on the count.
-        summary = export_file(args.traces, tmp, params, workers=params.workers or os.cpu_count() or 1)
+        summary = export_file(args.traces, tmp, params, workers=worker_count(params.workers))
     write_json(args.metrics, summary)
     print(f"export: {summary['traces']} traces -> {summary['training_examples']} training examples, "
           f"{summary['eval_cases']} eval cases, {summary['context_cards']} context cards")

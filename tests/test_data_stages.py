@@ -82,7 +82,7 @@ def run_all(raw: Path, work: Path, key: bytes, rp=None, ep=None, bp=None) -> dic
     (work / "redact").mkdir(parents=True, exist_ok=True)
     m_r = redact.run(raw, work / "redact/traces.jsonl", work / "redact/rejects.jsonl", rp, key)
     with atomic_dir(work / "export") as tmp:
-        m_e = export.export(read_jsonl(work / "redact/traces.jsonl"), tmp, ep)
+        m_e = export.export_file(work / "redact/traces.jsonl", tmp, ep)
     red = Redactor(ip_public_only=rp.ip_public_only)
     res = build_dataset.build(work / "redact/traces.jsonl", work / "redact/rejects.jsonl", work / "export",
                               work / "build_dataset", bp, red)

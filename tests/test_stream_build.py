@@ -180,7 +180,7 @@ def test_build_is_the_same_with_tiny_spill_budgets(tmp_path, key, monkeypatch):
     (work / "redact").mkdir(parents=True)
     redact.run(raw, work / "redact/traces.jsonl", work / "redact/rejects.jsonl", RedactParams(workers=1), key)
     with atomic_dir(work / "export") as tmp:
-        export.export(read_jsonl(work / "redact/traces.jsonl"), tmp, ExportParams())
+        export.export_file(work / "redact/traces.jsonl", tmp, ExportParams())
     bp = BuildDatasetParams(min_examples=0, target_examples=300)
 
     def run(out: Path, workers: int = 1) -> dict:

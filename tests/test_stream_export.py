@@ -106,6 +106,14 @@ def test_off_type_values_go_through_the_model(traces):
         _same(export.training_example, _model_training_example, t)
 
 
+def _two_ranks(src, d, params):
+    """export as two ranks of a multi-machine executor would run it: a part each, merged in rank order."""
+    from stages.executor import Executor
+
+    aggs = [export.export_part(src, d, params, Executor(1, rank, 2)) for rank in (1, 0)]  # any rank order
+    return export.finish(d, params, export.merge_parts_of(d, 2, aggs[::-1]))
+
+
 def test_export_file_with_workers_equals_export_in_process(tmp_path, traces):
     from stages.core import atomic_dir, dumps
     from schemas.params import ExportParams
@@ -113,7 +121,7 @@ def test_export_file_with_workers_equals_export_in_process(tmp_path, traces):
     src = tmp_path / "traces.jsonl"
     src.write_bytes(b"".join(dumps(t) + b"\n" for t in traces))
     outs = {}
-    for name, run in [("plain", lambda d: export.export(read_jsonl(src), d, ExportParams())),
+    for name, run in [("plain", lambda d: _two_ranks(src, d, ExportParams())),
                       ("one", lambda d: export.export_file(src, d, ExportParams(), workers=1)),
                       ("two", lambda d: export.export_file(src, d, ExportParams(), workers=2))]:
         with atomic_dir(tmp_path / name) as d:
