@@ -215,15 +215,18 @@ def near_dedup_probe(work: Path) -> dict[str, Any]:
     import numpy as np
 
     from schemas.params import BuildDatasetParams
-    from stages.build_dataset import NearDedup, _Sigs, near_duplicates, row_id, shingle_hashes
+    from stages.dedup import NearDedup, Signatures, near_duplicates, row_id, shingle_hashes
     from stages.core import load_params, read_jsonl
 
     params = load_params(work / "params.yaml", "build_dataset", BuildDatasetParams)
     near = NearDedup(params)
     seen: set[str] = set()
     msgs_all, keys = [], []
-    for ex in read_jsonl(work / "data" / "export" / "training-examples.jsonl"):
-        msgs = ex["metadata"]["messages"]
+    pool = {ex["metadata"]["source_trace_ids"][0] for ex in read_jsonl(work / "data" / "export" / "training-examples.jsonl")}
+    for t in read_jsonl(work / "data" / "redact" / "traces.jsonl"):
+        if t["id"] not in pool:
+            continue
+        msgs = t["messages"]
         rid = row_id(msgs)
         if rid not in seen:
             seen.add(rid)
@@ -234,7 +237,7 @@ def near_dedup_probe(work: Path) -> dict[str, Any]:
     hashes = [shingle_hashes(m, near.n) for m in msgs_all]
     t1 = clock()
     with tempfile.TemporaryDirectory() as tmp:
-        sigs = _Sigs(near, Path(tmp) / "sigs")
+        sigs = Signatures(near, Path(tmp) / "sigs")
         for i in range(0, len(hashes), 4096):
             sigs.add(near.signatures(hashes[i:i + 4096]))
         band_hash = sigs.close()

@@ -7,6 +7,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Role = Literal["system", "user", "assistant", "tool"]
 Bucket = Literal["real", "synthetic", "adversarial"]
+# Snapshot sub-folder (data/raw/<folder>/) -> mixing bucket. approved-runs and traces are both real work.
+BUCKETS: dict[str, Bucket] = {"approved-runs": "real", "traces": "real", "synthetic": "synthetic",
+                              "adversarial": "adversarial"}
 ReviewStatus = Literal["accepted", "edited", "rejected", "unknown"]
 Outcome = Literal["success", "failed", "unknown"]
 
@@ -105,7 +108,7 @@ class Trace(_Strict):
 
 
 class Reject(_Strict):
-    """One input line that could not become a Trace: where it was and why."""
+    """redact's rejects.jsonl: one input line that could not become a Trace, where it was and why."""
 
     file: str
     line: int
@@ -141,12 +144,20 @@ class TraceRecord(_Strict):
 
 
 class TrainingExampleMeta(_Open):
+    """agentic-stack's required metadata (open to extras, as its schema is), plus ours, declared. The
+    conversation itself is not repeated here: it is the trace `source_trace_ids[0]` in
+    data/redact/traces.jsonl, which build_dataset reads."""
+
     domain: str
     workflow: str
     source_trace_ids: list[str]
     split: str
     pii_level: str
     trainable: bool
+    bucket: Bucket | None = None
+    source: str | None = None
+    outcome: Outcome | None = None
+    created_at: str | None = Field(None, description="the trace's stamp; absent when it has none")
 
 
 class TrainingExample(_Strict):
@@ -223,6 +234,15 @@ class SplitRow(_Strict):
     forbidden_behavior: list[str] | None = None
 
 
+class Exclusion(_Strict):
+    """build_dataset's excluded.jsonl: a trace that is in no split, and why; `survivor` names the row id
+    (or eval row id) it duplicates, for the dedup and overlap reasons."""
+
+    trace_id: str
+    reason: str
+    survivor: str | None = None
+
+
 class ManifestInputs(_Open):
     raw_trace_glob: str
     raw_trace_files: list[str]
@@ -235,6 +255,7 @@ class ManifestBuild(_Open):
     selected_examples: int
     train_examples: int
     val_examples: int
+    eval_examples: int
     min_examples: int
     min_example_ok: bool
     val_ratio: float
@@ -272,3 +293,5 @@ class DatasetManifest(_Open):
     length_percentiles: dict[str, dict[str, float]]
     accounting: dict[str, Any]
     rescan: dict[str, Any]
+    split_digests: dict[str, str]
+    traces_by_file: dict[str, int]

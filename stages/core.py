@@ -22,7 +22,7 @@ from typing import IO, Any, Callable, Iterable, Iterator, Mapping, Sequence, Typ
 import orjson
 import xxhash
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -117,6 +117,24 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
             yield orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise ValueError(f"{path}:{lineno}: invalid JSON in a pipeline output: {exc}") from exc
+
+
+def read_model(path: str | os.PathLike, model: type[M]) -> M:
+    """A JSON file one stage wrote and another reads, validated by its model in schemas/."""
+    try:
+        return model.model_validate_json(Path(path).read_bytes())
+    except ValidationError as exc:
+        raise ValueError(f"{path}: not a valid {model.__name__}: {exc}") from exc
+
+
+def read_models(path: str | os.PathLike, model: type[M]) -> Iterator[M]:
+    """The records of a JSONL file one stage wrote and another reads, each validated by its model;
+    an invalid line is an error naming the file and line (the writer is this pipeline: a bug)."""
+    for lineno, raw in iter_lines(path):
+        try:
+            yield model.model_validate_json(raw)
+        except ValidationError as exc:
+            raise ValueError(f"{path}:{lineno}: not a valid {model.__name__}: {exc}") from exc
 
 
 @contextlib.contextmanager

@@ -12,12 +12,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import orjson
 
 from schemas.params import ExportParams
-from schemas.records import ContextCard, EvalCase, FlywheelMetrics, TraceRecord, TrainingExample
+from schemas.records import Bucket, ContextCard, EvalCase, FlywheelMetrics, Outcome, TraceRecord, TrainingExample
 from stages.chat import answer, instruction_of, prompt_messages, render, render_tool_call
 from stages.core import (atomic_dir, block_lines, content_id, dumps, line_blocks, load_params, safe_name, unit_hash,
                          write_json, write_text)
@@ -111,24 +111,26 @@ _TRACE_RECORD_STRS = ("id", "created_at", "project", "domain", "workflow", "host
 
 
 def training_example(trace: dict) -> dict:
+    """agentic-stack's training example. The conversation is not repeated in the metadata (it was, and
+    made export write twice what it read): it is trace `source_trace_ids[0]` in traces.jsonl."""
     meta = {
         "domain": trace["domain"], "workflow": trace["workflow"], "source_trace_ids": [trace["id"]],
         # build_dataset assigns train/val; "train" here means the training pool, never the eval hold-out.
         "split": "train", "pii_level": _pii_level(trace), "trainable": True,
         "bucket": trace["bucket"], "source": trace["source"], "outcome": trace["outcome"],
-        "messages": trace["messages"], **({"tools": trace["tools"]} if trace.get("tools") else {}),
+        **({"created_at": trace["created_at"]} if trace.get("created_at") else {}),
     }
     ex = {"instruction": instruction_of(trace), "context": "", "input": render(prompt_messages(trace)),
           "output": answer(trace), "metadata": meta}
-    if type(ex["output"]) is str and all(type(meta[k]) is str for k in _EXAMPLE_META_STRS) \
-            and type(trace["id"]) is str and type(meta["messages"]) is list:
-        # Already TrainingExample's dump (mode="json", exclude_none=True): the metadata's extra fields
-        # are passed through as they are, so skip the model's validate + dump of every message.
+    if type(ex["output"]) is str and all(type(meta.get(k, "")) is str for k in _EXAMPLE_META_STRS) \
+            and type(trace["id"]) is str and meta["bucket"] in _BUCKETS and meta["outcome"] in _OUTCOMES:
+        # Already TrainingExample's dump (mode="json", exclude_none=True): skip the model's validate + dump.
         return ex
     return TrainingExample(**ex).model_dump(mode="json", exclude_none=True)  # the model decides: coerce or fail
 
 
-_EXAMPLE_META_STRS = ("domain", "workflow", "pii_level", "bucket", "source", "outcome")
+_EXAMPLE_META_STRS = ("domain", "workflow", "pii_level", "bucket", "source", "outcome", "created_at")
+_BUCKETS, _OUTCOMES = frozenset(get_args(Bucket)), frozenset(get_args(Outcome))
 
 
 def expected_behavior(reference: str, final: dict | None = None) -> list[str]:

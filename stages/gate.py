@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from schemas.params import RedactParams
+from schemas.records import DatasetManifest
 from schemas.training import EvalResults, GateDecision, GateParams
-from stages.core import content_id, load_params, read_json, write_json, write_text
-from stages.leaks import Canaries, redactor_from, scan_text, strings
+from stages.core import content_id, load_params, read_json, read_model, write_json, write_text
+from stages.scanning import canaries_from, redactor_from, scan_text, strings
 
 EPS = 1e-9
 DATA_CHECKS = ("dataset_min_examples_ok", "dataset_redaction_ok", "leak_scan_ok")
@@ -126,13 +127,20 @@ def _leak_check(leaks: dict | None, self_hits: list[dict], required: bool) -> di
     return _detail(n, 0, False, reason)
 
 
-def decide(eval_results: EvalResults | dict, manifest: dict, params: GateParams, *, run_dir: str = "",
+def _manifest_flags(manifest: DatasetManifest | dict) -> tuple[dict, str | None]:
+    """(the manifest's build section, its dataset digest): from the model the stage reads, or from a plain
+    dict (a partial manifest, as tests and callers outside the pipeline pass)."""
+    if isinstance(manifest, DatasetManifest):
+        return manifest.build.model_dump(), manifest.digest
+    return manifest.get("build") or {}, manifest.get("digest")
+
+
+def decide(eval_results: EvalResults | dict, manifest: DatasetManifest | dict, params: GateParams, *, run_dir: str = "",
            manifest_path: str = "", eval_path: str = "", input_digests: dict[str, str] | None = None,
            leaks: dict | None = None, self_hits: list[dict] | None = None) -> GateDecision:
     """The gate decision; pure (the paths and digests are only recorded)."""
     res = eval_results if isinstance(eval_results, EvalResults) else EvalResults.model_validate(eval_results)
-    build = manifest.get("build") or {}
-    digest = manifest.get("digest")
+    build, digest = _manifest_flags(manifest)
     details = {
         "dataset_min_examples_ok": _flag_check(build, "min_example_ok", params.require_min_example_ok),
         "dataset_redaction_ok": _flag_check(build, "redaction_ok", params.require_redaction_ok),
@@ -282,11 +290,41 @@ def print_decision(path: str) -> int:
     return 0 if d.promote else BLOCKED
 
 
+def run(a: argparse.Namespace) -> GateDecision:
+    """The stage: decide, scan its own outputs (withholding any flagged text), write both."""
+    params = load_params(a.params, "gate", GateParams)
+    res = EvalResults.model_validate(read_json(a.eval_results))
+    manifest = read_model(a.manifest, DatasetManifest)
+    rp = load_params(a.params, "redact", RedactParams)
+    redactor, canaries = redactor_from(rp), canaries_from(rp)
+
+    def hit(text: str) -> set[str]:
+        return scan_text(text, redactor, canaries)
+
+    digests = {"eval_results": content_id(Path(a.eval_results).read_bytes()),
+               "dataset_manifest": content_id(Path(a.manifest).read_bytes()),
+               "leak_report": content_id(Path(a.leaks).read_bytes()),
+               "dataset": str(manifest.digest), "predictions": res.predictions_digest}
+    kw = dict(run_dir=_rel(str(Path(a.out).parent)), manifest_path=_rel(a.manifest), eval_path=_rel(a.eval_results),
+              input_digests=digests, leaks=read_json(a.leaks))
+    decision = decide(res, manifest, params, **kw)
+    hits, _, _ = self_scan(decision.model_dump(mode="json", by_alias=True), report(decision, res), hit, _rel(a.out))
+    if hits:  # decide again so that the block and its reason are in the outputs, then withhold the flagged text
+        decision = decide(res, manifest, params, **kw, self_hits=hits)
+    _, dec_json, md = self_scan(decision.model_dump(mode="json", by_alias=True), report(decision, res), hit, _rel(a.out))
+    write_json(Path(a.out) / "gate_decision.json", dec_json)
+    write_text(Path(a.out) / "gate.md", md)
+    failed = [k for k, v in decision.checks.items() if not v]
+    print(f"gate: {'PROMOTE' if decision.promote else 'do not promote'} (exact-match delta "
+          f"{_fmt(res.delta.get('exact_match'))}, {len(decision.checks) - len(failed)}/{len(decision.checks)} checks "
+          f"pass{'' if not failed else '; failed: ' + ', '.join(failed)}) -> {a.out}/gate_decision.json")
+    return decision
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m stages.gate", description=__doc__.split("\n")[0])
-    ap.add_argument("--params")
-    ap.add_argument("--eval-results")
-    ap.add_argument("--manifest")
+    for name in ("params", "eval-results", "manifest"):
+        ap.add_argument(f"--{name}")
     ap.add_argument("--leaks", help="leak_report.json of the leaks stage")
     ap.add_argument("--out", help="folder for gate_decision.json and gate.md")
     ap.add_argument("--fail-on-reject", action="store_true", help=f"exit {BLOCKED} when the adapter is not promoted")
@@ -299,37 +337,8 @@ def main(argv: list[str] | None = None) -> None:
                if not getattr(a, k)]
     if missing:
         ap.error(f"the stage needs {', '.join(missing)}")
-    params = load_params(a.params, "gate", GateParams)
-    res = EvalResults.model_validate(read_json(a.eval_results))
-    manifest = read_json(a.manifest)
-    leaks = read_json(a.leaks)
-    rp = load_params(a.params, "redact", RedactParams)
-    redactor, canaries = redactor_from(rp), Canaries(rp.canaries, rp.canary_sha256)
-
-    def hit(text: str) -> set[str]:
-        return scan_text(text, redactor, canaries)
-
-    digests = {"eval_results": content_id(Path(a.eval_results).read_bytes()),
-               "dataset_manifest": content_id(Path(a.manifest).read_bytes()),
-               "leak_report": content_id(Path(a.leaks).read_bytes()),
-               "dataset": str(manifest.get("digest")), "predictions": res.predictions_digest}
-    kw = dict(run_dir=_rel(str(Path(a.out).parent)), manifest_path=_rel(a.manifest), eval_path=_rel(a.eval_results),
-              input_digests=digests, leaks=leaks)
-    decision = decide(res, manifest, params, **kw)
-    out = Path(a.out)
-    hits, _, _ = self_scan(decision.model_dump(mode="json", by_alias=True), report(decision, res), hit, _rel(a.out))
-    if hits:  # decide again so that the block and its reason are in the outputs, then withhold the flagged text
-        decision = decide(res, manifest, params, **kw, self_hits=hits)
-    _, dec_json, md = self_scan(decision.model_dump(mode="json", by_alias=True), report(decision, res), hit, _rel(a.out))
-    write_json(out / "gate_decision.json", dec_json)
-    write_text(out / "gate.md", md)
-    failed = [k for k, v in decision.checks.items() if not v]
-    print(f"gate: {'PROMOTE' if decision.promote else 'do not promote'} (exact-match delta "
-          f"{_fmt(res.delta.get('exact_match'))}, {len(decision.checks) - len(failed)}/{len(decision.checks)} checks "
-          f"pass{'' if not failed else '; failed: ' + ', '.join(failed)}) -> {out}/gate_decision.json")
-    if a.fail_on_reject and not decision.promote:
+    if not run(a).promote and a.fail_on_reject:
         sys.exit(BLOCKED)
-
 
 if __name__ == "__main__":
     main()

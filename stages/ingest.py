@@ -15,9 +15,9 @@ from pathlib import Path
 
 import xxhash
 
+from schemas.records import BUCKETS
 from stages.core import atomic_open, safe_name
 from stages.readers import describe_file
-from stages.redact import BUCKETS
 
 
 def file_hash(path: Path) -> str:

@@ -29,15 +29,12 @@ from typing import Any, Iterable, Iterator, Sequence
 import orjson
 
 from schemas.params import RedactParams
-from schemas.records import Reject
+from schemas.records import BUCKETS, Reject
 from stages.core import (KeyedHasher, atomic_dir, atomic_open, dumps, line_blocks, load_key, load_params, progress,
                          write_json)
 from stages.detectors import BATCH_SEP, Finding, Placeholders, Redactor, merge_findings, rule_sets, structural_secrets
 from stages.readers import (SESSION_FORMATS, ParseError, normalize, normalize_arguments, parse_line, session_traces,
                             sniff_file)
-
-# Snapshot sub-folder -> mixing bucket. approved-runs and traces are both real work.
-BUCKETS = {"approved-runs": "real", "traces": "real", "synthetic": "synthetic", "adversarial": "adversarial"}
 
 
 # ---------------------------------------------------------------- discovery

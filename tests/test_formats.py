@@ -290,7 +290,10 @@ def test_tool_calls_survive_into_training_rows_export_and_eval_cases(tmp_path):
         jsonschema.validate(ex, te_schema)
     for c in cases:
         jsonschema.validate(c, ev_schema)
-    call_outputs = [ex["output"] for ex in examples if ex["metadata"]["messages"][-1].get("tool_calls")]
+    # the conversation of an example is its trace (source_trace_ids[0]) in redact's traces.jsonl
+    by_id = {t["id"]: t for t in map(json.loads, open(tmp_path / "work" / "redact" / "traces.jsonl"))}
+    call_outputs = [ex["output"] for ex in examples
+                    if by_id[ex["metadata"]["source_trace_ids"][0]]["messages"][-1].get("tool_calls")]
     call_cases = [c for c in cases if any(e.startswith("<tool_call>") for e in c["expected_behavior"])]
     assert call_outputs and call_cases
     assert all(o.startswith("<tool_call>\n{\"name\": ") for o in call_outputs)

@@ -19,6 +19,20 @@ CLEAN_LEAKS = {"ok": True, "hits_total": 0, "hits_failing": 0, "hits": [], "file
 MANIFEST = {"build": {"min_example_ok": True, "redaction_ok": True}, "digest": "0123456789abcdef0123456789abcdef"}
 
 
+def manifest_file() -> dict:
+    """MANIFEST as a whole dataset_manifest.json (schemas.records.DatasetManifest): the stage reads the file
+    through that model."""
+    build = {"target_examples": 10, "selected_examples": 10, "train_examples": 9, "val_examples": 1, "eval_examples": 2,
+             "min_examples": 1, "val_ratio": 0.1, "ratios": {"real": 1.0}, "min_redaction_rate": 0.0, "redaction_rate": 0.0,
+             **MANIFEST["build"]}
+    qc = {"raw_rows": 12, "rejected_malformed": 0, "rejected_low_signal": 0, "rows_with_redactions": 0,
+          "redactions_applied": 0, "post_dedup_rows": 10, "category_counts": {}, "outcome_counts": {}}
+    return {"contract_version": "1.0", "seed": 0, "digest": MANIFEST["digest"], "build": build, "qc": qc,
+            "inputs": {"raw_trace_glob": "*", "raw_trace_files": [], "synthetic_file": "", "adversarial_file": ""},
+            "input_digests": {}, "buckets": {}, "duplicates": {}, "rejects_by_reason": {}, "filtered_by_reason": {},
+            "length_percentiles": {}, "accounting": {}, "rescan": {}, "split_digests": {}, "traces_by_file": {}}
+
+
 def decide(*args, **kw):
     """gate.decide with a clean leak report unless a test passes its own."""
     kw.setdefault("leaks", CLEAN_LEAKS)
@@ -151,6 +165,9 @@ def test_cli_writes_deterministic_decision_and_report(tmp_path, monkeypatch, cap
     (tmp_path / "leaks.json").write_text(json.dumps(CLEAN_LEAKS))
     argv = ["--params", "params.yaml", "--eval-results", "data/eval/eval_results.json", "--manifest",
             "manifest.json", "--leaks", "leaks.json", "--out", "data/gate"]
+    with pytest.raises(ValueError, match="manifest.json: not a valid DatasetManifest"):  # read through its model
+        gate.main(argv)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest_file()))
     gate.main(argv)
     first = (tmp_path / "data/gate/gate_decision.json").read_bytes()
     gate.main(argv)

@@ -17,10 +17,12 @@ import xxhash
 
 from schemas.params import BuildDatasetParams, ExportParams, RedactParams
 from stages import build_dataset as bd
+from stages import dedup as dd
+from stages import scanning
 from stages import core, export, redact
 from stages.core import SpillSort, atomic_dir, read_jsonl
 from stages.detectors import Redactor
-from stages.leaks import Canaries
+from stages.scanning import Canaries
 
 ROOT = Path(__file__).resolve().parents[1]
 P = (1 << 61) - 1
@@ -35,14 +37,14 @@ def test_mod_prime_fold_equals_modulo_on_edge_values():
                         + rng.randint(0, 2, 10000, dtype=np.uint64)])
     want = (x % np.uint64(P)) & np.uint64(0xFFFFFFFF)
     got = x.copy()
-    bd._mod_prime_low32(got)
+    dd._mod_prime_low32(got)
     assert (got == want).all()
 
 
-def _reference_signature(near: bd.NearDedup, messages: list[dict]) -> np.ndarray:
+def _reference_signature(near: dd.NearDedup, messages: list[dict]) -> np.ndarray:
     """The signature as build_dataset computed it before (set of shingles, outer product, %)."""
-    hv = np.fromiter((xxhash.xxh32_intdigest(s) for s in bd.shingles(messages, near.n)), dtype=np.uint64)
-    return np.bitwise_and((np.outer(hv, near._a) + near._b) % bd._PRIME, bd._MAX32).min(axis=0)
+    hv = np.fromiter((xxhash.xxh32_intdigest(s) for s in dd.shingles(messages, near.n)), dtype=np.uint64)
+    return np.bitwise_and((np.outer(hv, near._a) + near._b) % dd._PRIME, dd._MAX32).min(axis=0)
 
 
 TEXTS = ["", "one", "a b c d e", "a b c d e f", "Hello, World! hello world again and again, HELLO.",
@@ -60,15 +62,15 @@ def _msgs(text: str) -> list[dict]:
 def test_shingle_hashes_are_the_shingles_hashes():
     for t in TEXTS:
         m = _msgs(t)
-        assert set(bd.shingle_hashes(m, 5).tolist()) == {xxhash.xxh32_intdigest(s) for s in bd.shingles(m, 5)}
+        assert set(dd.shingle_hashes(m, 5).tolist()) == {xxhash.xxh32_intdigest(s) for s in dd.shingles(m, 5)}
 
 
 def test_signatures_equal_the_reference_formula():
-    near = bd.NearDedup(BuildDatasetParams())
+    near = dd.NearDedup(BuildDatasetParams())
     rows = [_msgs(t) for t in TEXTS] + [_msgs(" ".join(random.Random(i).choices(["alpha", "beta", "gamma", "delta",
                                                                                    "eps", "zeta"], k=60)))
                                        for i in range(70)]
-    sigs = near.signatures([bd.shingle_hashes(m, near.n) for m in rows])
+    sigs = near.signatures([dd.shingle_hashes(m, near.n) for m in rows])
     assert sigs.dtype == np.uint32 and sigs.shape == (len(rows), near.num_perm)
     for m, s in zip(rows, sigs):
         assert (s == _reference_signature(near, m)).all()
@@ -76,7 +78,7 @@ def test_signatures_equal_the_reference_formula():
 
 
 # ---------------------------------------------------------------- near dedup over arrays
-def _planted_signatures(n: int, seed: int, near: bd.NearDedup) -> np.ndarray:
+def _planted_signatures(n: int, seed: int, near: dd.NearDedup) -> np.ndarray:
     """Random rows plus near copies (a few values changed) and band-only look-alikes (one band equal,
     the rest different: candidates that must be rejected by similarity)."""
     rng = np.random.RandomState(seed)
@@ -96,7 +98,7 @@ def _planted_signatures(n: int, seed: int, near: bd.NearDedup) -> np.ndarray:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_near_duplicates_equal_row_by_row_find(tmp_path, seed):
-    near = bd.NearDedup(BuildDatasetParams())
+    near = dd.NearDedup(BuildDatasetParams())
     n, n_eval = 600, 80
     sig = _planted_signatures(n, seed, near)
     keys = np.array([f"{xxhash.xxh3_128_hexdigest(str(i).encode())}" for i in range(n)], dtype="S32")
@@ -107,14 +109,14 @@ def test_near_duplicates_equal_row_by_row_find(tmp_path, seed):
     order = np.concatenate([np.arange(n_eval), rng.permutation(pool)])
     sig_file = tmp_path / "sigs.bin"
     sig_file.write_bytes(sig.tobytes())
-    s = bd._Sigs(near, tmp_path / "unused.bin")
+    s = dd.Signatures(near, tmp_path / "unused.bin")
     s._pending = []
     band = sig[:, :near.b * near.r].astype(np.uint64).reshape(n, near.b, near.r)
     band_hash = (band * s._mult).sum(axis=2, dtype=np.uint64)
     s._fh.close()
-    got = bd.near_duplicates(near, sig_file, band_hash, order, keys)
+    got = dd.near_duplicates(near, sig_file, band_hash, order, keys)
 
-    ref = bd.NearDedup(BuildDatasetParams())
+    ref = dd.NearDedup(BuildDatasetParams())
     want = np.full(n, -1)
     for slot in order.tolist():
         found = ref.find(keys[slot].decode(), sig[slot])
@@ -126,15 +128,15 @@ def test_near_duplicates_equal_row_by_row_find(tmp_path, seed):
 
 def test_near_duplicates_with_colliding_band_hashes(tmp_path):
     """Equal band hashes with different band values must not make candidates (datasketch keys on values)."""
-    near = bd.NearDedup(BuildDatasetParams())
+    near = dd.NearDedup(BuildDatasetParams())
     sig = _planted_signatures(200, 5, near)
     band_hash = np.zeros((200, near.b), dtype=np.uint64)  # every row collides with every other
     sig_file = tmp_path / "sigs.bin"
     sig_file.write_bytes(sig.tobytes())
     keys = np.array([f"{i:032x}" for i in range(200)], dtype="S32")
     order = np.arange(200)
-    got = bd.near_duplicates(near, sig_file, band_hash, order, keys)
-    ref = bd.NearDedup(BuildDatasetParams())
+    got = dd.near_duplicates(near, sig_file, band_hash, order, keys)
+    ref = dd.NearDedup(BuildDatasetParams())
     want = [-1 if (f := ref.find(keys[i].decode(), sig[i])) is None else int(f, 16) for i in range(200)]
     assert got.tolist() == want
 
@@ -148,13 +150,13 @@ def test_row_scan_equals_a_scan_per_string():
     texts = [t for _, _, t, _ in TRUE_POSITIVES] + ["plain words", "", "ok", "password", "key:", "token =",
                                                      "ops@corp.io", "a" * 30, "\n"]
     for canaries in (Canaries(), Canaries(["sekrit-canary-value"])):
-        scan = bd._RowScanner(red, canaries)
+        scan = scanning.RowScanner(red, canaries)
         for _ in range(150):
             row = {"id": "x", "messages": [{"role": rng.choice(["user", "assistant"]), "content": rng.choice(texts)}
                                            for _ in range(rng.randint(1, 5))],
                    "tools": [{"function": {"name": rng.choice(texts), "parameters": {rng.choice(texts): [rng.choice(texts)]}}}],
                    "note": rng.choice(texts) + " sekrit-canary-value"}
-            assert scan(row) == bd._rescan(row, red, canaries), row
+            assert scan(row) == scanning.rescan(row, red, canaries), row
         assert sum(scan({"m": [t for t, in zip(texts)]}).values()) > 10
 
 
@@ -190,19 +192,19 @@ def test_build_is_the_same_with_tiny_spill_budgets(tmp_path, key, monkeypatch):
 
     m1 = run(work / "a")
     assert run(work / "c", workers=2) == m1  # worker processes: the same build
-    for name in ("train", "val", "eval", "rejects"):
+    for name in ("train", "val", "eval", "excluded"):
         assert (work / "a" / f"{name}.jsonl").read_bytes() == (work / "c" / f"{name}.jsonl").read_bytes()
     real_init = core.SpillSort.__init__
     monkeypatch.setattr(core.SpillSort, "__init__", lambda self, d, budget=0: real_init(self, d, budget=2000))
-    monkeypatch.setattr(bd, "_SIG_BATCH", 3)
+    monkeypatch.setattr(dd, "_SIG_BATCH", 3)
     m2 = run(work / "b")
     assert m1 == m2
-    for name in ("train", "val", "eval", "rejects"):
+    for name in ("train", "val", "eval", "excluded"):
         assert (work / "a" / f"{name}.jsonl").read_bytes() == (work / "b" / f"{name}.jsonl").read_bytes()
     assert not [p for p in (work / "a").iterdir() if p.name.startswith(".")], "no temp files left behind"
     acc = m1["accounting"]
     assert acc["ok"] and m1["duplicates"]["near"] + m1["duplicates"]["exact"] > 0
-    assert Counter(r["reason"] for r in read_jsonl(work / "a/rejects.jsonl"))["over_quota"] == acc["over_quota"]
+    assert Counter(r["reason"] for r in read_jsonl(work / "a" / bd.EXCLUDED))["over_quota"] == acc["over_quota"]
 
 
 @pytest.mark.parametrize("block", [1, 64, 4096, 1 << 20])

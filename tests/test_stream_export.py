@@ -52,7 +52,7 @@ def _model_training_example(trace: dict) -> dict:
             "domain": trace["domain"], "workflow": trace["workflow"], "source_trace_ids": [trace["id"]],
             "split": "train", "pii_level": E._pii_level(trace), "trainable": True,
             "bucket": trace["bucket"], "source": trace["source"], "outcome": trace["outcome"],
-            "messages": trace["messages"], **({"tools": trace["tools"]} if trace.get("tools") else {}),
+            **({"created_at": trace["created_at"]} if trace.get("created_at") else {}),
         },
     ).model_dump(mode="json", exclude_none=True)
 
@@ -90,7 +90,8 @@ def test_off_type_values_go_through_the_model(traces):
     variants = []
     for field, value in [("project", None), ("project", 7), ("domain", 1.5), ("source", None), ("trainable", "true"),
                          ("trainable", 1), ("source_run_id_hash", 12), ("source_run_id_hash", None), ("created_at", ""),
-                         ("outcome", None), ("bucket", 3), ("id", 5)]:
+                         ("outcome", None), ("bucket", 3), ("id", 5),
+                         ("outcome", "won"), ("bucket", "other"), ("created_at", 5)]:
         t = copy.deepcopy(t0)
         t[field] = value
         variants.append(t)
