@@ -328,15 +328,15 @@ def dedup_pass(pool: _Pool, near: NearDedup, fates: _Fates) -> np.ndarray:
 
 # ---------------------------------------------------------------- 4. mix and split
 def mix_and_split(pool: _Pool, keep: np.ndarray, params: BuildDatasetParams,
-                  fates: _Fates) -> tuple[np.ndarray, dict[str, dict[str, int]], np.ndarray]:
-    """(split code by trace index: 0 not selected, 1 train, 2 val; the bucket report; the over-quota
-    trace ids, sorted). Each bucket fills at most its quota, in hash order; a short bucket is reported,
-    not refilled."""
+                  fates: _Fates) -> tuple[np.ndarray, dict[int, str], dict[str, dict[str, int]], np.ndarray]:
+    """(split code by trace index: 0 not selected, 1 train, 2 val; the row id of each selected trace, by
+    trace index; the bucket report; the over-quota trace ids, sorted). Each bucket fills at most its
+    quota, in hash order; a short bucket is reported, not refilled."""
     rids, tids = pool.rid.array(), pool.tid.array()
     buckets = np.frombuffer(bytes(pool.bucket_code), dtype=np.uint8)
     trace_index = np.frombuffer(pool.trace_index, dtype=np.int64)
     split_of = np.zeros(sum(pool.block_rows), dtype=np.uint8)
-    report, over_quota = {}, []
+    report, over_quota, chosen_rid = {}, [], {}
     # The configured buckets, and any other bucket that still has a row.
     names = sorted(set(params.ratios) | {b for b, c in pool.bucket_names.items() if (keep & (buckets == c)).any()})
     for b in names:
@@ -353,28 +353,31 @@ def mix_and_split(pool: _Pool, keep: np.ndarray, params: BuildDatasetParams,
         for k in chosen.tolist():
             split = "val" if unit_hash(params.seed, "split", rids[k].decode()) < params.val_ratio else "train"
             split_of[trace_index[k]] = 2 if split == "val" else 1
+            chosen_rid[int(trace_index[k])] = rids[k].decode()
             fates.fates[split] += 1
         report[b] = {"available": len(rows), "quota": quota, "selected": len(chosen),
                      "shortfall": max(quota - len(chosen), 0)}
     # Over-quota rows are most rows of a big snapshot, all with one reason: their log lines are made
     # at the end from their trace ids, sorted here, instead of going through the exclusion log's runs.
     over_tids = np.sort(np.concatenate(over_quota)) if over_quota else np.zeros(0, dtype="S1")
-    return split_of, report, over_tids
+    return split_of, chosen_rid, report, over_tids
 
 
 # ---------------------------------------------------------------- 5. write
-def _selected_block(state: _State, task: tuple[tuple[str, int, int], bytes]) -> list[tuple]:
-    """The write pass on a block of traces and their split codes (0 not selected, 1 train, 2 val): per
-    selected trace (code, its row's line, rescan, prompt chars, answer chars, workflow, outcome). The
-    character counts are those of export's training example (instruction + input, output)."""
-    block, codes = task
+def _selected_block(state: _State, task: tuple[tuple[str, int, int], bytes, list[str]]) -> list[tuple]:
+    """The write pass on a block of traces, their split codes (0 not selected, 1 train, 2 val) and the
+    selected ones' row ids (from the pool pass: not computed twice): per selected trace (code, its row's
+    line, rescan, prompt chars, answer chars, workflow, outcome). The character counts are those of
+    export's training example (instruction + input, output)."""
+    block, codes, rids = task
     out = []
+    selected = iter(rids)
     for code, raw in zip(codes, block_lines(*block)):
         if not code:
             continue
         t = orjson.loads(raw)
         row = SplitRow(
-            id=row_id(t["messages"]), source=t["source"], bucket=t["bucket"], domain=t["domain"],
+            id=next(selected), source=t["source"], bucket=t["bucket"], domain=t["domain"],
             workflow=t["workflow"], messages=t["messages"], tools=t.get("tools") or None,
             trace_id=t["id"]).model_dump(mode="json", exclude_none=True)
         out.append((code, dumps(row), state.scan_row(row) or None,
@@ -384,16 +387,16 @@ def _selected_block(state: _State, task: tuple[tuple[str, int, int], bytes]) -> 
 
 
 def write_pass(executor: Executor, state: _State, blocks: list[tuple], pool: _Pool, split_of: np.ndarray,
-               tmp: Path) -> dict[str, Any]:
+               chosen_rid: dict[int, str], tmp: Path) -> dict[str, Any]:
     """The selected traces (only those lines are parsed), rescanned; rows sorted into their splits."""
     res: dict[str, Any] = {"lengths": {"prompt_chars": [], "answer_chars": []}, "workflows": Counter(),
                            "outcomes": Counter(), "rows": {"train": SpillSort(tmp), "val": SpillSort(tmp)}}
     tasks, j0 = [], 0
     for block, n in zip(blocks, pool.block_rows):
         codes = split_of[j0:j0 + n]
-        j0 += n
         if codes.any():
-            tasks.append((block, codes.tobytes()))
+            tasks.append((block, codes.tobytes(), [chosen_rid[j0 + int(i)] for i in np.flatnonzero(codes)]))
+        j0 += n
     for out in executor.map(_selected_block, tasks, state):
         for code, row, found, prompt_chars, answer_chars, workflow, outcome in out:
             if found:
@@ -471,9 +474,9 @@ def build(traces_path: Path, rejects_path: Path, export_dir: Path, out_dir: Path
         pool = pool_pass(executor, state, blocks, fates, tmp)
         check_export(pool, export_dir, eval_at)
         keep = dedup_pass(pool, state.near, fates)
-        split_of, bucket_report, over_tids = mix_and_split(pool, keep, params, fates)
+        split_of, chosen_rid, bucket_report, over_tids = mix_and_split(pool, keep, params, fates)
         del keep
-        written = write_pass(executor, state, blocks, pool, split_of, tmp)
+        written = write_pass(executor, state, blocks, pool, split_of, chosen_rid, tmp)
         digests = write_splits(out_dir, {**written["rows"], "eval": pool.eval_rows})
         write_exclusions(out_dir / EXCLUDED, fates.log, over_tids)
     f = fates.fates
