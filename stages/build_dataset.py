@@ -364,12 +364,12 @@ def mix_and_split(pool: _Pool, keep: np.ndarray, params: BuildDatasetParams,
 
 
 # ---------------------------------------------------------------- 5. write
-def _selected_block(state: _State, task: tuple[tuple[str, int, int], bytes, list[str]]) -> list[tuple]:
+def _selected_block(state: _State, task: tuple[str, int, int, bytes, list[str]]) -> list[tuple]:
     """The write pass on a block of traces, their split codes (0 not selected, 1 train, 2 val) and the
     selected ones' row ids (from the pool pass: not computed twice): per selected trace (code, its row's
     line, rescan, prompt chars, answer chars, workflow, outcome). The character counts are those of
     export's training example (instruction + input, output)."""
-    block, codes, rids = task
+    *block, codes, rids = task
     out = []
     selected = iter(rids)
     for code, raw in zip(codes, block_lines(*block)):
@@ -395,9 +395,9 @@ def write_pass(executor: Executor, state: _State, blocks: list[tuple], pool: _Po
     for block, n in zip(blocks, pool.block_rows):
         codes = split_of[j0:j0 + n]
         if codes.any():
-            tasks.append((block, codes.tobytes(), [chosen_rid[j0 + int(i)] for i in np.flatnonzero(codes)]))
+            tasks.append((*block, codes.tobytes(), [chosen_rid[j0 + int(i)] for i in np.flatnonzero(codes)]))
         j0 += n
-    for out in executor.map(_selected_block, tasks, state):
+    for out in executor.map(_selected_block, tasks, state, label="build_dataset write", records=len):
         for code, row, found, prompt_chars, answer_chars, workflow, outcome in out:
             if found:
                 pool.rescan.update(found)

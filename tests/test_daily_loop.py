@@ -191,7 +191,7 @@ def _tree(root: Path) -> dict[str, bytes]:
 def test_progress_goes_to_stderr_only_and_never_changes_an_output(tmp_path):
     loud = _run_data_stages(tmp_path / "loud", "0")  # a line after every block
     quiet = _run_data_stages(tmp_path / "quiet", "off")
-    for stage in ("redact", "export", "build_dataset traces", "build_dataset examples"):
+    for stage in ("redact", "export", "build_dataset traces", "build_dataset write"):
         assert re.search(rf"^{stage}: [\d,]+ records, [\d,]+/s, \d+% of", loud.stderr, re.M), (stage, loud.stderr)
     assert "records, " not in quiet.stderr and "ETA" not in loud.stdout and loud.stdout == quiet.stdout
     a, b = _tree(tmp_path / "loud"), _tree(tmp_path / "quiet")
