@@ -17,7 +17,6 @@ import os
 import shutil
 from dataclasses import dataclass
 from multiprocessing import get_context
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from stages.core import atomic_open, progress
