@@ -131,6 +131,20 @@ def make_splits(n_train: int, n_val: int, n_eval: int, seed: int = 0,
     return {"train": train, "val": val, "eval": ev}
 
 
+def dataset_manifest(build: dict, digest: str) -> dict:
+    """A whole dataset_manifest.json (schemas.records.DatasetManifest: gate reads it through that model) with
+    these build figures and digest; the other figures are placeholders."""
+    build = {"target_examples": 10, "selected_examples": 10, "train_examples": 9, "val_examples": 1, "eval_examples": 2,
+             "min_examples": 1, "val_ratio": 0.1, "ratios": {"real": 1.0}, "min_redaction_rate": 0.0, "redaction_rate": 0.0,
+             "min_example_ok": True, "redaction_ok": True, **build}
+    qc = {"raw_rows": 12, "rejected_malformed": 0, "rejected_low_signal": 0, "rows_with_redactions": 0,
+          "redactions_applied": 0, "post_dedup_rows": 10, "category_counts": {}, "outcome_counts": {}}
+    return {"contract_version": "1.0", "seed": 0, "digest": digest, "build": build, "qc": qc,
+            "inputs": {"raw_trace_glob": "*", "raw_trace_files": [], "synthetic_file": "", "adversarial_file": ""},
+            "input_digests": {}, "buckets": {}, "duplicates": {}, "rejects_by_reason": {}, "filtered_by_reason": {},
+            "length_percentiles": {}, "accounting": {}, "rescan": {}, "split_digests": {}, "traces_by_file": {}}
+
+
 def write_splits(folder: Path, n_train: int, n_val: int, n_eval: int, seed: int = 0,
                  kinds: Sequence[str] | None = None) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
@@ -140,8 +154,8 @@ def write_splits(folder: Path, n_train: int, n_val: int, n_eval: int, seed: int 
         p = folder / f"{name}.jsonl"
         p.write_bytes(b"".join(orjson.dumps(r, option=orjson.OPT_SORT_KEYS) + b"\n" for r in rows))
         paths[name] = p
-    manifest = {"build": {"min_example_ok": True, "redaction_ok": True, "train_examples": n_train,
-                          "val_examples": n_val}, "digest": f"fixture-{seed}-{n_train}-{n_val}-{n_eval}"}
+    manifest = dataset_manifest({"min_example_ok": True, "redaction_ok": True, "train_examples": n_train,
+                                 "val_examples": n_val, "eval_examples": n_eval}, f"fixture-{seed}-{n_train}-{n_val}-{n_eval}")
     paths["manifest"] = folder / "dataset_manifest.json"
     paths["manifest"].write_bytes(orjson.dumps(manifest, option=orjson.OPT_SORT_KEYS))
     return paths

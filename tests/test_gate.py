@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from model_fixture import dataset_manifest
 from schemas.training import EvalParams, EvalResults, GateParams
 from stages import gate
 
@@ -20,17 +21,8 @@ MANIFEST = {"build": {"min_example_ok": True, "redaction_ok": True}, "digest": "
 
 
 def manifest_file() -> dict:
-    """MANIFEST as a whole dataset_manifest.json (schemas.records.DatasetManifest): the stage reads the file
-    through that model."""
-    build = {"target_examples": 10, "selected_examples": 10, "train_examples": 9, "val_examples": 1, "eval_examples": 2,
-             "min_examples": 1, "val_ratio": 0.1, "ratios": {"real": 1.0}, "min_redaction_rate": 0.0, "redaction_rate": 0.0,
-             **MANIFEST["build"]}
-    qc = {"raw_rows": 12, "rejected_malformed": 0, "rejected_low_signal": 0, "rows_with_redactions": 0,
-          "redactions_applied": 0, "post_dedup_rows": 10, "category_counts": {}, "outcome_counts": {}}
-    return {"contract_version": "1.0", "seed": 0, "digest": MANIFEST["digest"], "build": build, "qc": qc,
-            "inputs": {"raw_trace_glob": "*", "raw_trace_files": [], "synthetic_file": "", "adversarial_file": ""},
-            "input_digests": {}, "buckets": {}, "duplicates": {}, "rejects_by_reason": {}, "filtered_by_reason": {},
-            "length_percentiles": {}, "accounting": {}, "rescan": {}, "split_digests": {}, "traces_by_file": {}}
+    """MANIFEST as a whole dataset_manifest.json: the stage reads the file through DatasetManifest."""
+    return dataset_manifest(MANIFEST["build"], MANIFEST["digest"])
 
 
 def decide(*args, **kw):
