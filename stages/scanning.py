@@ -48,7 +48,8 @@ def canaries_from(rp: RedactParams) -> Canaries:
 def redactor_from(rp: RedactParams) -> Redactor:
     """The same detectors, with the same settings, as the redact stage."""
     return Redactor(ip_public_only=rp.ip_public_only, entropy_threshold=rp.entropy_threshold,
-                    entropy_min_len=rp.entropy_min_len, disabled=frozenset(rp.disabled_detectors))
+                    entropy_min_len=rp.entropy_min_len, disabled=frozenset(rp.disabled_detectors),
+                    keep_documentation_emails=rp.keep_documentation_emails, names=rp.names)
 
 
 def strings(obj: Any) -> Iterator[str]:
