@@ -99,10 +99,7 @@ def _dvc_stages() -> dict:
     return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
-@pytest.mark.parametrize("stage", [
-    pytest.param(s, marks=pytest.mark.xfail(strict=True, reason="train imports stages/chat.py, not in its dvc.yaml "
-                                                                "deps; dvc.yaml's train section is the model work's"))
-    if s == "train" else s for s in sorted(_dvc_stages())])
+@pytest.mark.parametrize("stage", sorted(_dvc_stages()))
 def test_dvc_deps_name_every_module_a_stage_runs(stage):
     """A change to any code a stage runs must rerun it: dvc.yaml lists every such module."""
     files = {m.replace(".", "/") + ".py" for m in _code_deps(f"stages.{stage}")}
