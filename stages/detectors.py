@@ -569,6 +569,57 @@ class Redactor:
 
     # ---------------------------------------------------------------- public API
 
+    def nothing_to_find(self, data: bytes) -> bool:
+        """True when no detector can find anything in any string of a record whose compact JSON
+        (orjson's output) is `data`: the record needs no scan. False means "maybe" (see _prefilter)."""
+        if self.names or not data.isascii() or b"\\\\" in data or b"\\u" in data:
+            return False
+        text = data.decode("ascii")
+        if "\\" in text:  # only JSON's own escapes are left: each stands for one char of a string
+            for esc, ch in _JSON_ESC:
+                text = text.replace(esc, ch)
+        if any(w in text for w in _CASED_LITERALS) or ("@" in text and ("://" in text or _PF_EMAIL.search(text))):
+            return False  # `://user:password@`, an email
+        low = text.lower()
+        if any(w in low for w in _LOWER_LITERALS) or self._keyword_candidate(text, low):
+            return False
+        if "?" in text and families._QS.search(text) or "webhook" in low and families._HOOK.search(text):
+            return False
+        if "::" in text or _V6_HINT.search(text) or _PF_CURL.search(text) or _PF_PCT.search(text):
+            return False
+        if _PF_MAC.search(text) or _PF_TILDE.search(text):
+            return False
+        raw = text.encode()
+        shape = raw.translate(_SHAPE_T)
+        if _PF_SHAPE.search(shape) or (shape.find(b"0.0") >= 0 and self._ipv4_candidate(text)):
+            return False
+        out: list[_Cand] = []
+        self._runs(text, raw.translate(_RUN_T), out)  # vendor and provider tokens: the scan's own code
+        return not out and ("encoded" not in self._on or not _b64_candidate(text))
+
+    def _keyword_candidate(self, text: str, low: str) -> bool:
+        """What `_key_values` could take: `word = value`, a sibling value, a `--word value` flag, or a
+        token of >= entropy_min_len chars within 64 chars after the word (`_window`)."""
+        tok = None
+        for root in _ROOT_STRS:
+            i = low.find(root)
+            while i >= 0:
+                if _KW_AT.match(low, i) or (root == "key" and low.endswith(_KEY_PREFIX_ENDS, 0, i)):
+                    return True
+                m = _WORD_AT.match(low, i)
+                if m:
+                    tok = tok or text.encode().translate(_TOK_T)
+                    if tok.find(self._long_tok, m.end(), m.end() + 64 + len(self._long_tok)) >= 0:
+                        return True
+                i = low.find(root, i + 1)
+        return "--" in low and _PF_FLAG.search(low) is not None
+
+    def _ipv4_candidate(self, text: str) -> bool:
+        for m in _PUBLIC_V4.finditer(text):
+            if not (self.ip_public_only and m.group().startswith(_PRIVATE_V4)):
+                return True
+        return False
+
     def key_value(self, key: str, value: str) -> tuple[str, str] | None:
         """(detector, kind) when a JSON object's `key` names a secret and its string `value` plausibly is
         one: the `password=...` rule across the JSON structure, for `{"password": "..."}` in tool-call
@@ -1248,3 +1299,60 @@ def rule_sets() -> dict[str, dict[str, object]]:
         "providers": {"file": "stages/rules/providers.json", "version": head["version"], "rules": n},
         "phonenumbers": {"version": ver("phonenumbers")},
     }
+
+
+# --------------------------------------------------------------------------- the clean-line prefilter
+
+# About 95% of traces hold nothing to redact. `nothing_to_find` proves that of a whole record from its
+# compact JSON (orjson's output, in which every string of the record appears as a JSON literal):
+# each alternative below is a NECESSARY condition of some detector, written so that it matches
+# wherever that detector could find anything (a superset: a match only sends the record through the
+# full scan). Conditions are local to one string, as the detectors are (context stops at BATCH_SEP).
+# What the literals cannot show goes to the full path before any pattern runs: non-ASCII (NFKC,
+# zero-width and homoglyph folding), a backslash in a string (`\"`, `\n`, `\/`, `\uXXXX` inside the
+# text: the scan unescapes it) and control chars (`\u00XX`). Names (params redact.names) disable it.
+_KIND_WORDS = sorted((w for w, k in _KEY_WORDS.items() if k), key=len, reverse=True)
+_ALL_WORDS = sorted(_KEY_WORDS, key=len, reverse=True)
+_NOT_TOKEN = r"(?![A-Za-z0-9_\-])"  # where a root word's run ends (detectors read it off `run`)
+
+
+# Literals whose presence alone sends a record to the full scan (the families that start from them).
+_CASED_LITERALS = ("-----BEGIN", "hooks.slack.com/", "Private-Lines:", "/home/", "/Users/")
+_LOWER_LITERALS = ("password", "sshpass", "htpasswd", "authorization", "bearer", "accountkey=", "_authtoken=",
+                   "cookie", "mysql", "dob", "born", "birth", "passport", "ssn", "social sec", " dot ", "[at]",
+                   "(at)", ":/users/")
+_KIND_RE = "|".join(map(re.escape, _KIND_WORDS))
+# At a root word's position: a secret word that ends its run, then an assignment or a sibling value
+# (`_key_values`); or any secret word (`key`, `tokens` too): the entropy window is checked after it.
+_KW_AT = re.compile(rf"(?:{_KIND_RE})[0-9_\-]*(?:{_NOT_TOKEN}(?:[\"']?\]?[ \t]*[:=]|[\"']?[ \t]*(?:,|\r?\n))"
+                    rf"|[0-9_\-]{{40}})")
+_WORD_AT = re.compile(rf"(?:{'|'.join(map(re.escape, _ALL_WORDS))})[0-9_\-]*(?:{_NOT_TOKEN}|[0-9_\-]{{40}})")
+_KEY_PREFIX_ENDS = tuple(p + sep for p in _KEY_PREFIXES for sep in ("", "_", "-"))
+# Each starts with a literal, so `re` skips ahead at C speed; most run only behind a cheaper find.
+_PF_FLAG = re.compile(rf"--[a-z0-9_\-]{{0,64}}(?:{_KIND_RE})[0-9_\-]*[ \t]")
+_PF_CURL = re.compile(r"-(?:u[ \t]*|-user[ \t=]+|-proxy-user[ \t=]+)['\"]?[^\s:'\"@]{1,128}:[^\s'\"]|-b[ \t]")
+_PF_EMAIL = re.compile(r"[A-Za-z0-9._%+\->]@[A-Za-z0-9]")
+_PF_PCT = re.compile(r"%[0-9A-Fa-f]{2}")
+_PF_MAC = re.compile(r"-[0-9A-Fa-f]{2}-[0-9A-Fa-f]{2}-[0-9A-Fa-f]{2}-[0-9A-Fa-f]{2}-[0-9A-Fa-f]{2}")
+_PF_TILDE = re.compile(r"~[a-z_]")
+# On the shape string (digits -> 0, letters -> A / a): the number families by what their patterns need.
+_PF_SHAPE = re.compile(rb"0(?:[ .()\-]*0){8}|AA00(?: ?[A0]){11}|0\.0{4}|0\.0{1,2}\.0{1,3}\.0")
+_PUBLIC_V4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}", re.A)
+_PRIVATE_V4 = ("127.", "10.", "0.", "192.168.")
+
+
+_JSON_ESC = (("\\n", "\n"), ("\\r", "\r"), ("\\t", "\t"), ('\\"', '"'), ("\\b", "\b"), ("\\f", "\f"))
+
+
+def _b64_candidate(text: str) -> bool:
+    """A run that families.encoded_runs would decode (its decoded text is scanned)."""
+    tok = text.encode().translate(_TOK_T)
+    pos = 0
+    while (s := tok.find(b"t" * 16, pos)) >= 0:
+        e = tok.find(b" ", s)
+        e = len(text) if e < 0 else e
+        pos = e
+        m = families._B64_RUN.match(text, s, e + 2)
+        if m and families.b64_text(m.group()) is not None:
+            return True
+    return False
