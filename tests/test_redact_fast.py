@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from schemas.params import RedactParams
@@ -16,10 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 KEY = b"test-key-0123456789abcdef-not-for-production"
 
 
-def _outputs(raw_root: Path, fast: bool) -> list:
+def _outputs(raw_root: Path, fast: bool, hyperscan: bool = True) -> list:
     params = load_params(ROOT / "params.yaml", "redact", RedactParams)
     R._init(params, KEY)
     R._WORKER.fast = fast
+    if not hyperscan:
+        R._WORKER.redactor._hs = None  # the pure-Python checks
     files, _ = R.discover(raw_root)
     return [R._work(b) for b in R.plan_work(files)]
 
@@ -57,13 +60,14 @@ def _fixture_snapshot(root: Path) -> Path:
     return root
 
 
-def test_fast_and_full_paths_give_the_same_bytes(tmp_path):
+@pytest.mark.parametrize("hyperscan", [True, False])
+def test_fast_and_full_paths_give_the_same_bytes(tmp_path, hyperscan):
     from bench.corpus import generate  # the bench's generator: every shape, ~5% secrets
 
     generate(tmp_path / "bench", 1500, seed=3)
     roots = [ROOT / "examples" / "snapshot", tmp_path / "bench", _fixture_snapshot(tmp_path / "fixtures")]
     for root in roots:
-        full, fast = _outputs(root, False), _outputs(root, True)
+        full, fast = _outputs(root, False), _outputs(root, True, hyperscan)
         assert sum(len(r[4]) for r in full) > 10, root  # traces and rejects were produced
         assert fast == full, root
 
@@ -76,15 +80,33 @@ SECRETS = ["AKIAIOSFODNN7EXAMPLA", "ghp_" + "aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA
            "token=%41%4B%49%41", "dob: 1990-05-15", "mysql -u root -pS3cret", "2001:4860:4860::8888"]
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.text(alphabet=st.characters(min_codepoint=9, max_codepoint=0x7e), max_size=60),
-       st.sampled_from(SECRETS + [""]), st.text(max_size=60))
-def test_prefilter_never_clears_what_the_scan_changes(prefix, secret, suffix):
-    r = Redactor()
+KEYS = ["password", "api_key", "DB_TOKEN", "x-amz-signature", "Authorization", "cookie", "dob", "bday", "ssn",
+        "passport_no", "user_email", "secret", "private_key_id", "note", "name", "value", "default", "aws_secret"]
+_ASCII = st.characters(min_codepoint=9, max_codepoint=0x7E)
+
+
+@pytest.mark.parametrize("hyperscan", [True, False])
+@settings(max_examples=200, deadline=None)
+@given(prefix=st.text(alphabet=_ASCII, max_size=60), secret=st.sampled_from(SECRETS + [""]),
+       suffix=st.text(max_size=60), key=st.sampled_from(KEYS), sibling=st.sampled_from(KEYS))
+def test_prefilter_never_clears_a_record_the_full_path_changes(hyperscan, prefix, secret, suffix, key, sibling):
+    """Planted secrets in prose, in tool-call arguments under secret-ish keys and sibling-name pairs:
+    the fast path (which skips the record when the prefilter clears it) gives the full path's record."""
+    params = load_params(ROOT / "params.yaml", "redact", RedactParams)
+    w = R.Worker(params, KEY)
+    if not hyperscan:
+        w.redactor._hs = None
+    value = (prefix + secret)[-40:] or "x"
+    args = {key: value, "env": [{"name": sibling, "value": suffix or "v"}], "schema": {key: {"default": value}}}
     for text in (prefix + secret + suffix, prefix + " " + secret + " " + suffix):
-        rec = {"messages": [{"role": "user", "content": text}], "extra": {"note": suffix}}
-        if r.scan(text) or r.scan(suffix):
-            assert not r.nothing_to_find(orjson.dumps(rec)), text
+        rec = {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "f", "arguments": orjson.dumps(args).decode()}}]}],
+            "extra": {"note": suffix, key: value}}
+        p = R._prepare(orjson.loads(orjson.dumps(rec)), w.redactor, None, fast=True)
+        fast = R._finish(p, R._scan_many([p], w.redactor)[0], w.redactor, None)
+        p2 = R._prepare(orjson.loads(orjson.dumps(rec)), w.redactor, None, fast=False)
+        full = R._finish(p2, R._scan_many([p2], w.redactor)[0], w.redactor, None)
+        assert orjson.dumps(fast[0]) == orjson.dumps(full[0]) and fast[1] == full[1], text
 
 
 def test_prefilter_clears_plain_records_and_stops_at_what_it_cannot_see():
