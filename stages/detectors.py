@@ -578,8 +578,11 @@ class Redactor:
         if self.names or not data.isascii() or b"\\\\" in data or b"\\u" in data:
             return False
         if b"\\" in data:  # only JSON's own escapes are left: each stands for one char of a string
-            for esc, ch in _JSON_ESC:
-                data = data.replace(esc, ch)
+            data = data.replace(b"\\n", b"\n")  # by far the commonest; each replace copies the record
+            if b"\\" in data:
+                for esc, ch in _JSON_ESC:
+                    if esc in data:
+                        data = data.replace(esc, ch)
         if self._hs is None:
             return self._nothing_to_find_py(data.decode("ascii"))
         db, scratch, terminated = self._hs
@@ -590,7 +593,7 @@ class Redactor:
             return False
         if hits and (hits[-1] != _HS_IPV4 or self._ipv4_candidate(data.decode("ascii"))):
             return False
-        return "encoded" not in self._on or not _b64_candidate(data.decode("ascii"))
+        return "encoded" not in self._on or not _b64_candidate(data)
 
     def _nothing_to_find_py(self, text: str) -> bool:
         """nothing_to_find's checks without Hyperscan: literal finds and literal-led patterns."""
@@ -613,7 +616,7 @@ class Redactor:
             return False
         out: list[_Cand] = []
         self._runs(text, raw.translate(_RUN_T), out)  # vendor and provider tokens: the scan's own code
-        return not out and ("encoded" not in self._on or not _b64_candidate(text))
+        return not out and ("encoded" not in self._on or not _b64_candidate(raw))
 
     def _keyword_candidate(self, text: str, low: str) -> bool:
         """What `_key_values` could take: `word = value`, a sibling value, a `--word value` flag, or a
@@ -1366,16 +1369,19 @@ _PRIVATE_V4 = ("127.", "10.", "0.", "192.168.")
 _JSON_ESC = ((b"\\n", b"\n"), (b"\\r", b"\r"), (b"\\t", b"\t"), (b'\\"', b'"'), (b"\\b", b"\b"), (b"\\f", b"\f"))
 
 
-def _b64_candidate(text: str) -> bool:
+_B64_RUN_B = re.compile(families._B64_RUN.pattern.encode())
+
+
+def _b64_candidate(data: bytes) -> bool:
     """A run that families.encoded_runs would decode (its decoded text is scanned)."""
-    tok = text.encode().translate(_TOK_T)
+    tok = data.translate(_TOK_T)
     pos = 0
     while (s := tok.find(b"t" * 16, pos)) >= 0:
         e = tok.find(b" ", s)
-        e = len(text) if e < 0 else e
+        e = len(data) if e < 0 else e
         pos = e
-        m = families._B64_RUN.match(text, s, e + 2)
-        if m and families.b64_text(m.group()) is not None:
+        m = _B64_RUN_B.match(data, s, e + 2)
+        if m and families.b64_text(m.group().decode("ascii")) is not None:
             return True
     return False
 
