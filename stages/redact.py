@@ -398,9 +398,9 @@ def canary_literals(canaries: Iterable[str]) -> list[tuple[str, bytes]]:
 
 
 def redact_fields(fields: dict[str, Any], redactor: Redactor, cache: CleanCache | None = None,
-                  canaries: Sequence[tuple[str, bytes]] = ()) -> tuple[dict[str, Any], Counter]:
+                  canaries: Sequence[tuple[str, bytes]] = (), fast: bool = True) -> tuple[dict[str, Any], Counter]:
     """Redact every string of a normalised record; returns it with per-detector counts."""
-    p = _prepare(fields, redactor, cache, canaries)
+    p = _prepare(fields, redactor, cache, canaries, fast)
     return _finish(p, _scan_many([p], redactor)[0], redactor, cache)
 
 
