@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from stages import families, names
 
 __all__ = ["BATCH_SEP", "DETECTORS", "PLACEHOLDER_RE", "Finding", "Placeholders", "Redactor", "merge_findings",
-           "rule_sets", "structural_secrets"]
+           "prefilter_database", "rule_sets", "structural_secrets"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -1426,6 +1426,12 @@ def _hs_patterns(min_len: int) -> list[tuple[str, bool]]:
         rf"(?:{words})[0-9_\-]{{40}}", _PF_FLAG.pattern, _PF_WORDS, *map(re.escape, _LOWER_LITERALS), r"docker[ \t]+login",
     ]
     return [(p, False) for p in cased] + [(p, True) for p in caseless]
+
+
+def prefilter_database(min_len: int):
+    """The compiled Hyperscan database for Redactor(entropy_min_len=min_len), or None without the package.
+    Compiling takes ~0.15 s: a caller that forks workers compiles it first, so that they share it."""
+    return _hs_database(max(1, min_len))
 
 
 @functools.lru_cache(maxsize=8)

@@ -32,7 +32,8 @@ from schemas.params import RedactParams
 from schemas.records import Reject
 from stages.core import (KeyedHasher, atomic_dir, atomic_open, dumps, line_blocks, load_key, load_params, progress,
                          write_json)
-from stages.detectors import BATCH_SEP, Finding, Placeholders, Redactor, merge_findings, rule_sets, structural_secrets
+from stages.detectors import (BATCH_SEP, Finding, Placeholders, Redactor, merge_findings, prefilter_database, rule_sets,
+                              structural_secrets)
 from stages.readers import (SESSION_FORMATS, ParseError, normalize, normalize_arguments, parse_line, session_traces,
                             sniff_file)
 
@@ -573,6 +574,7 @@ def run(raw_root: Path, out_traces: Path, out_rejects: Path, params: RedactParam
             fr.write(dumps(rej) + b"\n")
             reasons[rej.reason] += 1
         if workers > 1:
+            prefilter_database(params.entropy_min_len)  # compiled once here; the forked workers inherit it
             pool = get_context("fork").Pool(workers, initializer=_init, initargs=(params, key))
             # imap keeps block order, so the output does not depend on the worker count or timing.
             results = pool.imap(_work, blocks)
