@@ -420,9 +420,9 @@ def eligibility(fields: dict[str, Any], params: RedactParams) -> list[str]:
     return reasons
 
 
-# The clean-record fast path (Redactor.nothing_to_find) is sound (tests/test_redact_fast.py) but OFF:
-# measured on the bench corpus it clears 61% of records and costs ~48 us a record, more than the
-# memoised, batched scan it skips (redact 2.5 s -> 3.3 s single process at N = 20,000).
+# The clean-record fast path (Redactor.nothing_to_find; tests/test_redact_fast.py shows it gives the full
+# path's bytes). On the bench corpus it clears 89% of records at ~20 us each (Hyperscan) and takes ~15% of
+# redact's CPU away; with the pure-Python fallback (70%, ~65 us) it roughly breaks even.
 FAST_PATH = True
 
 # Records whose new strings are scanned in one pass: enough to spread a scan's fixed cost, few enough
