@@ -595,6 +595,11 @@ class Redactor:
             return False
         return "encoded" not in self._on or not _b64_candidate(data)
 
+    @property
+    def has_compiled_prefilter(self) -> bool:
+        """Whether nothing_to_find runs on Hyperscan (else on the slower pure-Python checks)."""
+        return self._hs is not None
+
     def _nothing_to_find_py(self, text: str) -> bool:
         """nothing_to_find's checks without Hyperscan: literal finds and literal-led patterns."""
         if any(w in text for w in _CASED_LITERALS) or ("@" in text and ("://" in text or _PF_EMAIL.search(text))):
