@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from stages import families, names
 
 __all__ = ["BATCH_SEP", "DETECTORS", "PLACEHOLDER_RE", "Finding", "Placeholders", "Redactor", "merge_findings",
-           "rule_sets", "structural_secrets"]
+           "prefilter_database", "rule_sets", "structural_secrets"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -555,6 +555,7 @@ class Redactor:
         disabled: frozenset[str] = frozenset(),
         keep_documentation_emails: bool = True,
         names: bool = False,
+        use_hyperscan: bool = True,
     ) -> None:
         unknown = sorted(set(disabled) - set(DETECTORS))
         if unknown:
@@ -566,8 +567,84 @@ class Redactor:
         self._on = frozenset(DETECTORS) - frozenset(disabled)
         self.names = names and ("person_name" in self._on or "street_address" in self._on)
         self._long_tok = b"t" * max(1, entropy_min_len)
+        self._hs = _hs_database(max(1, entropy_min_len)) if use_hyperscan else None
 
     # ---------------------------------------------------------------- public API
+
+    def nothing_to_find(self, data: bytes) -> bool:
+        """True when no detector can find anything in any string of a record whose compact JSON
+        (orjson's output) is `data`: the record needs no scan. False means "maybe" (see the
+        clean-record prefilter at the end of this module)."""
+        if self.names or not data.isascii() or b"\\\\" in data or b"\\u" in data:
+            return False
+        if b"\\" in data:  # only JSON's own escapes are left: each stands for one char of a string
+            data = data.replace(b"\\n", b"\n")  # by far the commonest; each replace copies the record
+            if b"\\" in data:
+                for esc, ch in _JSON_ESC:
+                    if esc in data:
+                        data = data.replace(esc, ch)
+        if self._hs is None:
+            return self._nothing_to_find_py(data.decode("ascii"))
+        db, scratch, terminated = self._hs
+        hits: list[int] = []
+        try:
+            db.scan(data, match_event_handler=_hs_hit, context=hits, scratch=scratch)
+        except terminated:  # stopped at the first final condition
+            return False
+        if hits and (hits[-1] != _HS_IPV4 or self._ipv4_candidate(data.decode("ascii"))):
+            return False
+        return "encoded" not in self._on or not _b64_candidate(data)
+
+    @property
+    def has_compiled_prefilter(self) -> bool:
+        """Whether nothing_to_find runs on Hyperscan (else on the slower pure-Python checks)."""
+        return self._hs is not None
+
+    def _nothing_to_find_py(self, text: str) -> bool:
+        """nothing_to_find's checks without Hyperscan: literal finds and literal-led patterns."""
+        if any(w in text for w in _CASED_LITERALS) or ("@" in text and ("://" in text or _PF_EMAIL.search(text))):
+            return False  # `://user:password@`, an email
+        low = text.lower()
+        if any(w in low for w in _LOWER_LITERALS) or self._keyword_candidate(text, low):
+            return False
+        if ("password" in low or "authorization" in low or "dob" in low or "born" in low) and _PF_WORDS_RE.search(low):
+            return False
+        if "?" in text and families._QS.search(text) or "webhook" in low and families._HOOK.search(text):
+            return False
+        if "::" in text or _V6_HINT.search(text) or _PF_CURL.search(text) or _PF_PCT.search(text):
+            return False
+        if _PF_MAC.search(text) or _PF_TILDE.search(text):
+            return False
+        raw = text.encode()
+        shape = raw.translate(_SHAPE_T)
+        if _PF_SHAPE.search(shape) or (shape.find(b"0.0") >= 0 and self._ipv4_candidate(text)):
+            return False
+        out: list[_Cand] = []
+        self._runs(text, raw.translate(_RUN_T), out)  # vendor and provider tokens: the scan's own code
+        return not out and ("encoded" not in self._on or not _b64_candidate(raw))
+
+    def _keyword_candidate(self, text: str, low: str) -> bool:
+        """What `_key_values` could take: `word = value`, a sibling value, a `--word value` flag, or a
+        token of >= entropy_min_len chars within 64 chars after the word (`_window`)."""
+        tok = None
+        for root in _ROOT_STRS:
+            i = low.find(root)
+            while i >= 0:
+                if _KW_AT.match(low, i) or (root == "key" and low.endswith(_KEY_PREFIX_ENDS, 0, i)):
+                    return True
+                m = _WORD_AT.match(low, i)
+                if m:
+                    tok = tok or text.encode().translate(_TOK_T)
+                    if tok.find(self._long_tok, m.end(), m.end() + 64 + len(self._long_tok)) >= 0:
+                        return True
+                i = low.find(root, i + 1)
+        return "--" in low and _PF_FLAG.search(low) is not None
+
+    def _ipv4_candidate(self, text: str) -> bool:
+        for m in _PUBLIC_V4.finditer(text):
+            if not (self.ip_public_only and m.group().startswith(_PRIVATE_V4)):
+                return True
+        return False
 
     def key_value(self, key: str, value: str) -> tuple[str, str] | None:
         """(detector, kind) when a JSON object's `key` names a secret and its string `value` plausibly is
@@ -1248,3 +1325,136 @@ def rule_sets() -> dict[str, dict[str, object]]:
         "providers": {"file": "stages/rules/providers.json", "version": head["version"], "rules": n},
         "phonenumbers": {"version": ver("phonenumbers")},
     }
+
+
+# --------------------------------------------------------------------------- the clean-line prefilter
+
+# About 95% of traces hold nothing to redact. `nothing_to_find` proves that of a whole record from its
+# compact JSON (orjson's output, in which every string of the record appears as a JSON literal):
+# each alternative below is a NECESSARY condition of some detector, written so that it matches
+# wherever that detector could find anything (a superset: a match only sends the record through the
+# full scan). Conditions are local to one string, as the detectors are (context stops at BATCH_SEP).
+# What the literals cannot show goes to the full path before any pattern runs: non-ASCII (NFKC,
+# zero-width and homoglyph folding), a backslash in a string (`\"`, `\n`, `\/`, `\uXXXX` inside the
+# text: the scan unescapes it) and control chars (`\u00XX`). Names (params redact.names) disable it.
+_KIND_WORDS = sorted((w for w, k in _KEY_WORDS.items() if k), key=len, reverse=True)
+_ALL_WORDS = sorted(_KEY_WORDS, key=len, reverse=True)
+_NOT_TOKEN = r"(?![A-Za-z0-9_\-])"  # where a root word's run ends (detectors read it off `run`)
+
+
+# Literals whose presence alone sends a record to the full scan (the families that start from them).
+_CASED_LITERALS = ("-----BEGIN", "hooks.slack.com/", "Private-Lines:", "/home/", "/Users/")
+_LOWER_LITERALS = ("sshpass", "htpasswd", "bearer", "accountkey=", "_authtoken=", "cookie", "mysql", "birth", "passport", "ssn", "social sec", " dot ", "[at]",
+                   "(at)", ":/users/", "signature", "bday", "social_sec")
+_KIND_RE = "|".join(map(re.escape, _KIND_WORDS))
+# At a root word's position: a secret word that ends its run, then an assignment or a sibling value
+# (`_key_values`); or any secret word (`key`, `tokens` too): the entropy window is checked after it.
+_KW_AT = re.compile(rf"(?:{_KIND_RE})[0-9_\-]*(?:{_NOT_TOKEN}(?:[\"']?\]?[ \t]*[:=]|[\"']?[ \t]*(?:[,}}\]]|\r?\n))"
+                    rf"|[0-9_\-]{{40}})")
+_WORD_AT = re.compile(rf"(?:{'|'.join(map(re.escape, _ALL_WORDS))})[0-9_\-]*(?:{_NOT_TOKEN}|[0-9_\-]{{40}})")
+_KEY_PREFIX_ENDS = tuple(p + sep for p in _KEY_PREFIXES for sep in ("", "_", "-"))
+# Words that lead to a family only in some contexts (families.pass_context, authorization_at, pii).
+_PF_WORDS = (r"<[\w.\-:]{0,62}password|(?:machine|default)[\s\S]{0,400}password[ \t]"
+             r"|password(?: for [\w.@\-]{1,64})?(?: is| was| will be| would be| became|:)"
+             r"|authorization[\"']?[ \t]*[:=,]|(?:^|[^a-z])(?:dob|born)(?:[^a-z]|$)")
+_PF_WORDS_RE = re.compile(_PF_WORDS)
+# Each starts with a literal, so `re` skips ahead at C speed; most run only behind a cheaper find.
+_PF_FLAG = re.compile(rf"--[a-z0-9_\-]{{0,64}}(?:{_KIND_RE})[0-9_\-]*[ \t]")
+_PF_CURL = re.compile(r"-(?:u[ \t]*|-user[ \t=]+|-proxy-user[ \t=]+)['\"]?[^\s:'\"@]{1,128}:[^\s'\"]|-b[ \t]")
+_PF_EMAIL = re.compile(r"[A-Za-z0-9._%+\->]@[A-Za-z0-9]")
+_PF_PCT = re.compile(r"%[0-9A-Fa-f]{2}")
+_PF_MAC = re.compile(r"-[0-9A-Fa-f]{2}-[0-9A-Fa-f]{2}-[0-9A-Fa-f]{2}-[0-9A-Fa-f]{2}-[0-9A-Fa-f]{2}")
+_PF_TILDE = re.compile(r"~[a-z_]")
+# On the shape string (digits -> 0, letters -> A / a): the number families by what their patterns need.
+_PF_SHAPE = re.compile(rb"0(?:[ .()\-]*0){8}|AA00(?: ?[A0]){11}|0\.0{4}|0\.0{1,2}\.0{1,3}\.0")
+_PUBLIC_V4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}", re.A)
+_PRIVATE_V4 = ("127.", "10.", "0.", "192.168.")
+
+
+_JSON_ESC = ((b"\\n", b"\n"), (b"\\r", b"\r"), (b"\\t", b"\t"), (b'\\"', b'"'), (b"\\b", b"\b"), (b"\\f", b"\f"))
+
+
+_B64_RUN_B = re.compile(families._B64_RUN.pattern.encode())
+
+
+def _b64_candidate(data: bytes) -> bool:
+    """A run that families.encoded_runs would decode (its decoded text is scanned)."""
+    tok = data.translate(_TOK_T)
+    pos = 0
+    while (s := tok.find(b"t" * 16, pos)) >= 0:
+        e = tok.find(b" ", s)
+        e = len(data) if e < 0 else e
+        pos = e
+        m = _B64_RUN_B.match(data, s, e + 2)
+        if m and families.b64_text(m.group().decode("ascii")) is not None:
+            return True
+    return False
+
+
+# The same conditions for Hyperscan (Vectorscan), which runs them all in one pass over the record: a
+# few us against the ~40 us of the pure-Python checks above. Compiled in prefilter mode (lookarounds
+# and other unsupported constructs become supersets), so a match still only means "maybe". Used
+# when the package is installed; `nothing_to_find` falls back to the Python checks otherwise, and
+# both only decide between two paths that give the same bytes (tests/test_redact_fast.py).
+_HS_IPV4 = 0  # an IPv4 match is reported, not final: only a public address can be found
+
+
+def _hs_patterns(min_len: int) -> list[tuple[str, bool]]:
+    """(pattern, caseless) for every condition; the first is IPv4's."""
+    kind = "|".join(map(re.escape, _KIND_WORDS)) + "|(?:" + "|".join(_KEY_PREFIXES) + ")[_-]?key"
+    words = "|".join(map(re.escape, _ALL_WORDS))
+    tok = r"[A-Za-z0-9_\-+/~]"
+    _, by_head = families.provider_rules()
+    providers = sorted({rx.pattern for rules in by_head.values() for _, _, rx in rules})
+    cased = [
+        rf"{_OCTET}(?:\.{_OCTET}){{3}}",
+        re.sub(r"\(\?P<\w+>", "(?:", _TOKEN_AT.pattern), *providers,
+        *map(re.escape, _CASED_LITERALS), families._HOOK.pattern,
+        r"[0-9]{3}-[0-9]{2}-[0-9]{4}",  # SSN
+        r"[0-9](?:\) ?|[ .\-])[2-9][0-9]{2}[ .\-][0-9]{4}",  # US phone
+        r"\+[2-9](?:[ .()\-]*[0-9]){8}",  # international phone
+        # national phone: the trunk 0 is the first digit of its span (what _DIGIT_SPAN can start at)
+        r"(?:^|[^0-9 .()\-])[ .()\-]*0(?:[1-9]|[ .()\-]+[0-9])(?:[ .()\-]*[0-9]){7}",
+        r"[0-9](?:[ \-]?[0-9]){12}",  # card
+        r"[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11}",  # IBAN
+        r"[0-9]\.[0-9]{4}",  # coordinates
+        # IPv6 (and colon MACs): `::` only where no letter outside hex touches it (`std::vector`)
+        r"(?:^|[^G-Zg-z])::(?:[^G-Zg-z]|$)", _V6_HINT.pattern.split("|", 1)[1],
+        r"[0-9A-Fa-f]{2}(?:-[0-9A-Fa-f]{2}){5}",
+        r"[A-Za-z0-9._%+\->]@[A-Za-z0-9]", r"://.*@|@.*://",  # emails, URL passwords
+        r"%[0-9A-Fa-f]{2}", r"~[a-z_]", _PF_CURL.pattern,
+    ]
+    caseless = [
+        families._QS.pattern,
+        rf"(?:{kind})[0-9_\-]*(?:[\"']?\]?[ \t]*[:=]|[\"']?[ \t]*(?:[,}}\]]|\r?\n))", rf"(?:{kind})[0-9_\-]{{40}}",
+        rf"(?:{words})[0-9_\-]*(?:[^A-Za-z0-9_\-].{{0,63}}{tok}{{{min_len}}}|[+/~]{tok}{{{min_len - 1}}})",
+        rf"(?:{words})[0-9_\-]{{40}}", _PF_FLAG.pattern, _PF_WORDS, *map(re.escape, _LOWER_LITERALS), r"docker[ \t]+login",
+    ]
+    return [(p, False) for p in cased] + [(p, True) for p in caseless]
+
+
+def prefilter_database(min_len: int):
+    """The compiled Hyperscan database for Redactor(entropy_min_len=min_len), or None without the package.
+    Compiling takes ~0.15 s: a caller that forks workers compiles it first, so that they share it."""
+    return _hs_database(max(1, min_len))
+
+
+@functools.lru_cache(maxsize=8)
+def _hs_database(min_len: int):
+    """The compiled Hyperscan database, or None when the package is missing."""
+    try:
+        import hyperscan
+    except ImportError:
+        return None
+    pats = _hs_patterns(max(1, min_len))
+    base = hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_PREFILTER | hyperscan.HS_FLAG_DOTALL
+    db = hyperscan.Database()
+    db.compile(expressions=[p.encode() for p, _ in pats], ids=list(range(len(pats))),
+               flags=[base | (hyperscan.HS_FLAG_CASELESS if c else 0) for _, c in pats])
+    return db, hyperscan.Scratch(db), hyperscan.ScanTerminated
+
+
+def _hs_hit(pid: int, start: int, end: int, flags: int, hits: list[int]) -> bool | None:
+    """Hyperscan's match callback: note the condition; stop at the first that is final."""
+    hits.append(pid)
+    return pid != _HS_IPV4 or None

@@ -32,7 +32,8 @@ from schemas.params import RedactParams
 from schemas.records import BUCKETS, Reject
 from stages.core import (KeyedHasher, atomic_dir, atomic_open, dumps, line_blocks, load_key, load_params, progress,
                          write_json)
-from stages.detectors import BATCH_SEP, Finding, Placeholders, Redactor, merge_findings, rule_sets, structural_secrets
+from stages.detectors import (BATCH_SEP, Finding, Placeholders, Redactor, merge_findings, prefilter_database, rule_sets,
+                              structural_secrets)
 from stages.readers import (SESSION_FORMATS, ParseError, normalize, normalize_arguments, parse_line, session_traces,
                             sniff_file)
 
@@ -158,12 +159,18 @@ _SEP_JSON = orjson.dumps(BATCH_SEP)[1:-1]
 _ESC_BS, _ESC_Q = b"\x01\x01", b"\x02"
 
 
-def _split(fields: dict[str, Any]) -> tuple[list[bytes], bool, bool, bytes]:
-    """orjson's output split on unescaped quotes (literals at odd positions), whether escapes were
-    hidden, whether a '<' occurs, and the output itself (escapes hidden)."""
+def _dump(fields: dict[str, Any]) -> bytes:
     try:
-        data = orjson.dumps(fields)
+        return orjson.dumps(fields)
     except orjson.JSONEncodeError:  # only for callers that built fields without orjson (ints > 64 bits)
+        return b""
+
+
+def _split(fields: dict[str, Any], data: bytes | None = None) -> tuple[list[bytes], bool, bool, bytes]:
+    """orjson's output (`data`, if the caller has it) split on unescaped quotes (literals at odd
+    positions), whether escapes were hidden, whether a '<' occurs, and the output (escapes hidden)."""
+    data = _dump(fields) if data is None else data
+    if not data:
         return [], False, False, b""
     hidden = b'\\"' in data
     if hidden:  # left to right, `\\` pairs first: a `\\` before a quote is an escaped backslash
@@ -282,12 +289,21 @@ class _Pending:
 
 
 def _prepare(fields: dict[str, Any], redactor: Redactor, cache: CleanCache | None,
-             canaries: Sequence[tuple[str, bytes]] = ()) -> _Pending:
+             canaries: Sequence[tuple[str, bytes]] = (), fast: bool = True) -> _Pending:
     """Take every string out of a normalised record (dict keys and tool-call argument values
-    included) and reserve the placeholders already in them; the scan itself comes later."""
+    included) and reserve the placeholders already in them; the scan itself comes later.
+
+    Most records hold nothing to redact: when the prefilter (Redactor.nothing_to_find) proves on
+    orjson's output that neither a detector nor a secret-named key can find anything, and no canary
+    occurs, the record is done as it is: no strings taken out, no keyed search, no scan, no memo, no
+    rebuild (`fast=False` forces the full path; tests/test_redact_fast.py checks both give the same bytes)."""
     _arguments_json(fields["messages"])
     p = _Pending(fields)
-    parts, p.hidden, lt, data = _split(fields)
+    data = _dump(fields)
+    if fast and data and not any(lit in data for _, lit in canaries) and redactor.nothing_to_find(data):
+        p.done = fields
+        return p
+    parts, p.hidden, lt, data = _split(fields, data)
     p.lits = parts[1::2]
     p.keyed = _keyed_secrets(data, p.hidden, redactor, fields, canaries)
     if len(p.lits) < 2:  # redact_many redacts a lone string on its own; keep that path exact (and the walk)
@@ -380,9 +396,9 @@ def canary_literals(canaries: Iterable[str]) -> list[tuple[str, bytes]]:
 
 
 def redact_fields(fields: dict[str, Any], redactor: Redactor, cache: CleanCache | None = None,
-                  canaries: Sequence[tuple[str, bytes]] = ()) -> tuple[dict[str, Any], Counter]:
+                  canaries: Sequence[tuple[str, bytes]] = (), fast: bool = True) -> tuple[dict[str, Any], Counter]:
     """Redact every string of a normalised record; returns it with per-detector counts."""
-    p = _prepare(fields, redactor, cache, canaries)
+    p = _prepare(fields, redactor, cache, canaries, fast)
     return _finish(p, _scan_many([p], redactor)[0], redactor, cache)
 
 
@@ -401,6 +417,12 @@ def eligibility(fields: dict[str, Any], params: RedactParams) -> list[str]:
     return reasons
 
 
+# The clean-record fast path (Redactor.nothing_to_find; tests/test_redact_fast.py shows it gives the full
+# path's bytes). On the bench corpus (N = 20,000, one process) it clears 89% of records at ~20 us each with
+# Hyperscan and takes ~15% of redact's CPU away (2.1 s -> 1.8 s); its pure-Python checks clear 70% at ~65 us
+# and cost more than they save (-> 3.0 s), so without Hyperscan every record takes the full path.
+FAST_PATH = True
+
 # Records whose new strings are scanned in one pass: enough to spread a scan's fixed cost, few enough
 # that strings recurring in the next records are already in the clean cache by then.
 SCAN_BATCH = 32
@@ -409,13 +431,15 @@ SCAN_BATCH = 32
 class Worker:
     """Per-process state: the compiled detectors and the keyed hasher."""
 
-    def __init__(self, params: RedactParams, key: bytes):
+    def __init__(self, params: RedactParams, key: bytes, fast: bool = FAST_PATH):
         self.params = params
+        self.fast = fast  # False: every record takes the full path (tests compare the two)
         self.hasher = KeyedHasher(key)
         self.redactor = Redactor(ip_public_only=params.ip_public_only, entropy_threshold=params.entropy_threshold,
                                  entropy_min_len=params.entropy_min_len, disabled=frozenset(params.disabled_detectors),
                                  keep_documentation_emails=params.keep_documentation_emails, names=params.names)
         self.cache = CleanCache()
+        self.fast = self.fast and self.redactor.has_compiled_prefilter
         # Canaries are replaced wherever they occur (value-level defence); leaks still checks for them.
         self.canaries = canary_literals(params.canaries) if "canary" not in params.disabled_detectors else []
 
@@ -452,7 +476,8 @@ class Worker:
                 continue
             source_id = fields.pop("source_id")
             ineligible = eligibility(fields, self.params)
-            pending.append((slot, lineno, source_id, ineligible, _prepare(fields, self.redactor, self.cache, self.canaries)))
+            pending.append((slot, lineno, source_id, ineligible, _prepare(fields, self.redactor, self.cache, self.canaries,
+                                                                             self.fast)))
         found = _scan_many([p for *_, p in pending], self.redactor)
         for (slot, lineno, source_id, ineligible, p), f in zip(pending, found):
             fields, counts = _finish(p, f, self.redactor, self.cache)
@@ -548,6 +573,7 @@ def run(raw_root: Path, out_traces: Path, out_rejects: Path, params: RedactParam
             fr.write(dumps(rej) + b"\n")
             reasons[rej.reason] += 1
         if workers > 1:
+            prefilter_database(params.entropy_min_len)  # compiled once here; the forked workers inherit it
             pool = get_context("fork").Pool(workers, initializer=_init, initargs=(params, key))
             # imap keeps block order, so the output does not depend on the worker count or timing.
             results = pool.imap(_work, blocks)
