@@ -11,13 +11,9 @@ The gate blocks on any hit (data/leaks/leak_report.json -> gate_decision.json `l
 from __future__ import annotations
 
 import argparse
-import hashlib
-import os
-import re
 import struct
 from collections import Counter
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -26,10 +22,10 @@ import orjson
 from schemas.params import LeaksParams, RedactParams
 from stages.core import load_params, write_json
 from stages.detectors import DETECTORS, Redactor, structural_secrets
+from stages.executor import Executor, worker_count
+from stages.scanning import Canaries, redactor_from, scan_text, strings  # noqa: F401 (strings: re-exported)
 
 TEXT_SUFFIXES = (".json", ".jsonl", ".md", ".csv", ".txt", ".log", ".yaml", ".yml", ".jinja", ".tsv")
-# Tokens a canary hash is compared against: runs of the characters keys and ids are made of.
-_TOKEN = re.compile(r"[A-Za-z0-9_\-.@+/=:~]{6,}")
 
 
 @dataclass(frozen=True, order=True)
@@ -37,45 +33,6 @@ class Hit:
     file: str
     line: int
     detector: str
-
-
-class Canaries:
-    def __init__(self, plain: Iterable[str] = (), sha256: Iterable[str] = ()):
-        self.plain = [c for c in plain if c]
-        self.hashes = {h.lower() for h in sha256}
-
-    def __bool__(self) -> bool:
-        return bool(self.plain or self.hashes)
-
-    def find(self, text: str) -> bool:
-        if any(c in text for c in self.plain):
-            return True
-        if self.hashes:
-            for tok in _TOKEN.findall(text):
-                for cand in (tok, tok.strip(".:=/")):
-                    if hashlib.sha256(cand.encode()).hexdigest() in self.hashes:
-                        return True
-        return False
-
-
-def strings(obj: Any) -> Iterator[str]:
-    """Every string of a JSON value, dict keys included."""
-    if isinstance(obj, str):
-        yield obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield k
-            yield from strings(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from strings(v)
-
-
-def scan_text(text: str, redactor: Redactor, canaries: Canaries) -> set[str]:
-    found = {f.detector for f in redactor.scan(text)}
-    if canaries and canaries.find(text):
-        found.add("canary")
-    return found
 
 
 def pairs(obj: Any) -> Iterator[tuple[str, str]]:
@@ -177,17 +134,9 @@ def _files(paths: Iterable[Path], root: Path | None) -> Iterator[tuple[Path, str
 
 
 # ---------------------------------------------------------------- parallel scan (the stage)
-_W: tuple[Redactor, Canaries] | None = None
-
-
-def _init(redactor: Redactor, canaries: Canaries) -> None:
-    global _W
-    _W = (redactor, canaries)
-
-
-def _work(batch: tuple[str, str, int, list[bytes]]) -> list[Hit]:
+def _work(state: tuple[Redactor, Canaries], batch: tuple[str, str, int, list[bytes]]) -> list[Hit]:
     name, suffix, first, lines = batch
-    redactor, canaries = _W  # type: ignore[misc]
+    redactor, canaries = state
     return [Hit(name, first + i, d) for i, raw in enumerate(lines)
             for d in _line_hits(suffix, raw, redactor, canaries)]
 
@@ -237,15 +186,10 @@ def scan_paths(paths: Iterable[Path], redactor: Redactor, canaries: Canaries, ro
             text_files.append((f, name))
         else:
             stats["skipped_binary"] += 1  # no text to leak through a report
-    batches = _batches(text_files, stats)
-    if workers > 1:
-        with get_context("fork").Pool(workers, initializer=_init, initargs=(redactor, canaries)) as pool:
-            for found in pool.imap(_work, batches, chunksize=4):
-                hits += found
-    else:
-        _init(redactor, canaries)
-        for b in batches:
-            hits += _work(b)
+    # Batches of 512 lines are planned up front (the executor shards a plan): an artifact set is small next
+    # to the traces, and a line is kept only as bytes.
+    for found in Executor(workers).map(_work, list(_batches(text_files, stats)), (redactor, canaries)):
+        hits += found
     hits = sorted(set(hits))
     by_det = Counter(h.detector for h in hits)
     return {"files": len(text_files) + stats["safetensors_headers"] + stats["json_files"], "skipped_binary": stats["skipped_binary"],
@@ -276,13 +220,6 @@ def report(scan: dict, params: LeaksParams, canaries: Canaries, scanned: list[st
     }
 
 
-def redactor_from(rp: RedactParams) -> Redactor:
-    """The same detectors, with the same settings, as the redact stage."""
-    return Redactor(ip_public_only=rp.ip_public_only, entropy_threshold=rp.entropy_threshold,
-                    entropy_min_len=rp.entropy_min_len, disabled=frozenset(rp.disabled_detectors),
-                    keep_documentation_emails=rp.keep_documentation_emails, names=rp.names)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m stages.leaks", description=__doc__.splitlines()[0])
     ap.add_argument("--params", required=True)
@@ -298,8 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     if missing:  # a missing artifact is not a clean one
         raise SystemExit(f"leaks: nothing to scan at {', '.join(missing)}")
     canaries = Canaries(rp.canaries, rp.canary_sha256)
-    workers = params.workers or os.cpu_count() or 1
-    scan = scan_paths(a.scan, redactor_from(rp), canaries, root=Path.cwd(), workers=workers)
+    scan = scan_paths(a.scan, redactor_from(rp), canaries, root=Path.cwd(), workers=worker_count(params.workers))
     rep = report(scan, params, canaries, [(p.resolve().relative_to(Path.cwd().resolve())
                                            if p.resolve().is_relative_to(Path.cwd().resolve()) else p).as_posix()
                                           for p in a.scan])
