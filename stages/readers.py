@@ -354,14 +354,7 @@ def _messages(val: Any, key: str, ctx: _Ctx) -> list[dict]:
             continue
         if isinstance(content, str) and m.keys() <= _PLAIN_KEYS:  # a tool result, a named turn: little to do
             msg = {"role": role, "content": content}
-            for k in ("tool_call_id", "name"):
-                if isinstance(m.get(k), str):
-                    msg[k] = m[k]
-            if role == "tool":
-                if "tool_call_id" in msg:
-                    _drop_pending(pending, msg["tool_call_id"])
-                else:
-                    _match_result(msg, pending, m.get("name"))
+            _ids_and_pairing(msg, m, role, pending)
             out.append(msg)
             continue
         text, calls, results = _content(content, where, ctx)
@@ -373,14 +366,7 @@ def _messages(val: Any, key: str, ctx: _Ctx) -> list[dict]:
         msg: dict[str, Any] = {"role": role, "content": text}
         if calls:
             msg["tool_calls"] = calls
-        for k in ("tool_call_id", "name"):
-            if isinstance(m.get(k), str):
-                msg[k] = m[k]
-        if role == "tool":
-            if "tool_call_id" in msg:
-                _drop_pending(pending, msg["tool_call_id"])
-            else:
-                _match_result(msg, pending, m.get("name"))
+        _ids_and_pairing(msg, m, role, pending)
         if not m.keys() <= _MESSAGE_KEYS:  # weight, refusal, reasoning_content, annotations...: kept, not lost
             ctx.keep("message_fields", {"at": where, **{k: v for k, v in m.items() if k not in _MESSAGE_KEYS}})
         if role == "user" and results and not text.strip() and not calls:
@@ -404,6 +390,18 @@ def _match_result(msg: dict, pending: list[tuple[str, str]], name: Any) -> None:
             return
     if pending:
         msg["tool_call_id"] = pending.pop(0)[0]
+
+
+def _ids_and_pairing(msg: dict[str, Any], m: dict, role: str, pending: Any) -> None:
+    """Copy a message's call id and name, and pair a tool result with the call it answers (by id, else by name)."""
+    for k in ("tool_call_id", "name"):
+        if isinstance(m.get(k), str):
+            msg[k] = m[k]
+    if role == "tool":
+        if "tool_call_id" in msg:
+            _drop_pending(pending, msg["tool_call_id"])
+        else:
+            _match_result(msg, pending, m.get("name"))
 
 
 def _drop_pending(pending: list[tuple[str, str]], cid: Any) -> None:

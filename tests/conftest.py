@@ -33,3 +33,15 @@ def write_snapshot(root: Path, files: dict[str, list]) -> Path:
                 else:
                     fh.write(json.dumps(line).encode() + b"\n")
     return root
+
+
+def small_model_half(params_path: Path) -> None:
+    """A tiny model half (4 LoRA steps, 8 eval cases) for tests whose subject is DVC or the daily loop, not the
+    model: they stay fast and still run every stage."""
+    import yaml
+
+    params = yaml.safe_load(params_path.read_text())
+    params["train"].update(max_steps=4, eval_steps=2)
+    params["base"]["embedded"].update(pretrain_epochs=1)
+    params["eval"].update(max_examples=8, bootstrap_samples=100)
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))

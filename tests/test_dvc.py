@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import small_model_half
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA_STAGES = ["redact", "export", "build_dataset"]
 
@@ -79,13 +81,7 @@ def _make_clone(dest: Path) -> tuple[Path, dict]:
             shutil.copy2(src, dest / f)
     shutil.rmtree(dest / "data/raw", ignore_errors=True)
     shutil.copytree(ROOT / "examples/snapshot", dest / "data/raw")
-    p = dest / "params.yaml"
-    params = yaml.safe_load(p.read_text())
-    # A tiny model half so the tests stay fast; the behaviour under test is DVC's, not the model's.
-    params["train"].update(max_steps=4, eval_steps=2)
-    params["base"]["embedded"].update(pretrain_epochs=1)
-    params["eval"].update(max_examples=8, bootstrap_samples=100)
-    p.write_text(yaml.safe_dump(params, sort_keys=False))
+    small_model_half(dest / "params.yaml")  # the behaviour under test is DVC's, not the model's
     env = {**os.environ, "FLYWHEEL_ID_KEY": "dvc-test-key-0123456789abcdef",
            "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
     _run("git init -q && git add -A && git -c user.email=t@t -c user.name=t commit -qm init", dest, env)

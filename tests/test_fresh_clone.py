@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from stages.core import KeyedHasher
+from tests.conftest import small_model_half
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = tuple(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])  # every stage of the pipeline
@@ -40,12 +41,7 @@ def _copy_checkout(dest: Path) -> None:
 
 
 def _small_model_half(dest: Path) -> None:
-    p = dest / "params.yaml"
-    params = yaml.safe_load(p.read_text())
-    params["train"].update(max_steps=4, eval_steps=2)
-    params["base"]["embedded"].update(pretrain_epochs=1)
-    params["eval"].update(max_examples=8, bootstrap_samples=100)
-    p.write_text(yaml.safe_dump(params, sort_keys=False))
+    small_model_half(dest / "params.yaml")
 
 
 class Shell:
