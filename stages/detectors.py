@@ -490,6 +490,12 @@ def _iban_end(text: str, start: int, cand: str) -> int:
     return -1 if i < len(text) and text[i].isalnum() else i
 
 
+# A dotted quad right after a numbering word is a section or version number (an eval prediction of SmolLM2 wrote
+# `Section 11.8.1.1.` and the leak scan blocked the gate on it).
+_SECTION_WORD = re.compile(r"(?i)(?:\bsection|\bsec\.|\bclause|\barticle|\bart\.|§|\bchapter|\bpara(?:graph)?|\bversion|"
+                           r"\brule|\bstep|\bitem|\bv)[ \t]*$")
+
+
 @functools.lru_cache(maxsize=4096)
 def _public_ip(addr: str) -> bool:
     """Globally routable unicast; private, loopback, link-local, reserved and documentation ranges are not.
@@ -975,6 +981,8 @@ class Redactor:
                         self._add(out, mm.start(), mm.end(), "credit_card")
             if dots >= 3 and "ipv4" in on:
                 for mm in _IPV4.finditer(text, s, stop):
+                    if _SECTION_WORD.search(text, max(0, mm.start() - 12), mm.start()):
+                        continue  # `Section 11.8.1.1`, `clause 2.3.4.1`, `v1.2.3.4`: numbering, not a host
                     if not self.ip_public_only or _public_ip(mm.group()):
                         self._add(out, mm.start(), mm.end(), "ipv4")
         if "iban" in on:

@@ -110,3 +110,14 @@ def test_a_digit_run_glued_to_a_word_is_no_national_phone():
     assert r.scan("traces/codex/rollout-2026-11-01T08-52-00-90083fa6-8ba5-42a7.jsonl") == []
     assert r.scan("build x07700 900123") == []
     assert [f.detector for f in r.scan("call me on 07700 900123 today")] == ["phone"]
+
+
+def test_a_numbered_section_is_no_ip_address():
+    """SmolLM2's baseline wrote `Section 11.8.1.1.` in an eval prediction and the leak scan blocked the gate."""
+    from stages.detectors import Redactor
+
+    r = Redactor()
+    for text in ("Section 11.8.1.1.", "see clause 9.4.1.2 here", "v1.2.3.4", "§ 12.3.4.5"):
+        assert r.scan(text) == [], text
+    for text in ("server at 8.8.8.8 now", "ip: 93.184.216.34"):
+        assert [f.detector for f in r.scan(text)] == ["ipv4"], text
