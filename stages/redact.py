@@ -619,9 +619,15 @@ def run(raw_root: Path, out_traces: Path, out_rejects: Path, params: RedactParam
         finally:
             if pool is not None:
                 pool.terminate()
+    return _metrics(stats, reasons, detectors, ineligible, by_bucket, omitted_kinds, traces_with_redactions,
+                    len(file_rejects), key)
+
+
+def _metrics(stats: Counter, reasons: Counter, detectors: Counter, ineligible: Counter, by_bucket: Counter,
+             omitted_kinds: Counter, traces_with_redactions: int, file_level: int, key: bytes) -> dict[str, Any]:
+    """metrics/redact.json, after checking that every line ended in exactly one place."""
     rejected = sum(reasons.values())
     records = stats["lines"] - stats["blank_lines"]
-    file_level = len(file_rejects)
     # every line ends in exactly one place: a trace of its own, a session's trace (merged), or a reject
     if stats["traces"] + stats["merged_lines"] + rejected - file_level != records:
         raise RuntimeError(f"accounting broken: {records} lines != {stats['traces']} traces + {stats['merged_lines']} "
