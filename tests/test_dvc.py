@@ -57,6 +57,17 @@ def test_stage_names_match_modules_params_and_folders():
 def test_dvc_analytics_off():
     cfg = (ROOT / ".dvc/config").read_text()
     assert "analytics = false" in cfg
+    assert "check_update = false" in cfg  # `dvc version` would otherwise ask the network for the latest release
+
+
+def test_dvc_cache_links_instead_of_copying():
+    """Large outputs are linked into the workspace, not copied: reflink where the filesystem has it, else a
+    hardlink (safe here: every stage replaces its files and DVC removes outputs before a stage runs); copy last."""
+    from dvc.config import Config
+
+    repo = Config(dvc_dir=str(ROOT / ".dvc"), validate=True).read("repo")  # this file alone, not a user config
+    types = [t.strip() for t in repo["cache"]["type"]]
+    assert types == ["reflink", "hardlink", "copy"], types
 
 
 def _run(cmd: str, cwd: Path, env: dict) -> str:
@@ -94,6 +105,10 @@ def test_repro_is_a_noop_the_second_time_and_param_change_reruns_only_its_stage(
     assert all(f"Running stage '{s}'" in out for s in DATA_STAGES), out
     out = _run(f"dvc repro {' '.join(DATA_STAGES)}", dest, env)
     assert "Running stage" not in out, out
+    # Where the filesystem has hardlinks and no reflinks (ext4), an output is a link into the cache, not a copy.
+    links = _run("dvc doctor", dest, env).split("Cache types:")[1].split("\n")[0]
+    if "hardlink" in links and "reflink" not in links:
+        assert (dest / "data/redact/traces.jsonl").stat().st_nlink == 2, links
     p = dest / "params.yaml"
     p.write_text(p.read_text().replace("val_ratio: 0.1", "val_ratio: 0.2"))
     out = _run(f"dvc repro {' '.join(DATA_STAGES)}", dest, env)
