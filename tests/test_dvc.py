@@ -61,13 +61,16 @@ def test_dvc_analytics_off():
 
 
 def test_dvc_cache_links_instead_of_copying():
-    """Large outputs are linked into the workspace, not copied: reflink where the filesystem has it, else a
-    hardlink (safe here: every stage replaces its files and DVC removes outputs before a stage runs); copy last."""
+    """Large outputs are linked with the cache, not copied into it. DVC (3.x) moves a new stage output into the
+    cache by link only when the first cache type is `hardlink` (that move itself tries reflink, hardlink, copy),
+    and it never relinks a file it takes for a reflink or a copy: with `reflink` first, as in its default, every
+    output is copied on ext4. Hardlinks are safe here: every stage replaces its files, and DVC removes outputs
+    before a stage runs. Copy stays the last resort."""
     from dvc.config import Config
 
     repo = Config(dvc_dir=str(ROOT / ".dvc"), validate=True).read("repo")  # this file alone, not a user config
     types = [t.strip() for t in repo["cache"]["type"]]
-    assert types == ["reflink", "hardlink", "copy"], types
+    assert types == ["hardlink", "reflink", "copy"], types
 
 
 def _run(cmd: str, cwd: Path, env: dict) -> str:
@@ -108,7 +111,8 @@ def test_repro_is_a_noop_the_second_time_and_param_change_reruns_only_its_stage(
     # Where the filesystem has hardlinks and no reflinks (ext4), an output is a link into the cache, not a copy.
     links = _run("dvc doctor", dest, env).split("Cache types:")[1].split("\n")[0]
     if "hardlink" in links and "reflink" not in links:
-        assert (dest / "data/redact/traces.jsonl").stat().st_nlink == 2, links
+        for out in ("data/redact/traces.jsonl", "data/export/training-examples.jsonl", "data/build_dataset/train.jsonl"):
+            assert (dest / out).stat().st_nlink == 2, (out, links)
     p = dest / "params.yaml"
     p.write_text(p.read_text().replace("val_ratio: 0.1", "val_ratio: 0.2"))
     out = _run(f"dvc repro {' '.join(DATA_STAGES)}", dest, env)
