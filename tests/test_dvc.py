@@ -57,6 +57,20 @@ def test_stage_names_match_modules_params_and_folders():
 def test_dvc_analytics_off():
     cfg = (ROOT / ".dvc/config").read_text()
     assert "analytics = false" in cfg
+    assert "check_update = false" in cfg  # `dvc version` would otherwise ask the network for the latest release
+
+
+def test_dvc_cache_links_instead_of_copying():
+    """Large outputs are linked with the cache, not copied into it. DVC (3.x) moves a new stage output into the
+    cache by link only when the first cache type is `hardlink` (that move itself tries reflink, hardlink, copy),
+    and it never relinks a file it takes for a reflink or a copy: with `reflink` first, as in its default, every
+    output is copied on ext4. Hardlinks are safe here: every stage replaces its files, and DVC removes outputs
+    before a stage runs. Copy stays the last resort."""
+    from dvc.config import Config
+
+    repo = Config(dvc_dir=str(ROOT / ".dvc"), validate=True).read("repo")  # this file alone, not a user config
+    types = [t.strip() for t in repo["cache"]["type"]]
+    assert types == ["hardlink", "reflink", "copy"], types
 
 
 def _run(cmd: str, cwd: Path, env: dict) -> str:
@@ -94,6 +108,11 @@ def test_repro_is_a_noop_the_second_time_and_param_change_reruns_only_its_stage(
     assert all(f"Running stage '{s}'" in out for s in DATA_STAGES), out
     out = _run(f"dvc repro {' '.join(DATA_STAGES)}", dest, env)
     assert "Running stage" not in out, out
+    # Where the filesystem has hardlinks and no reflinks (ext4), an output is a link into the cache, not a copy.
+    links = _run("dvc doctor", dest, env).split("Cache types:")[1].split("\n")[0]
+    if "hardlink" in links and "reflink" not in links:
+        for out in ("data/redact/traces.jsonl", "data/export/training-examples.jsonl", "data/build_dataset/train.jsonl"):
+            assert (dest / out).stat().st_nlink == 2, (out, links)
     p = dest / "params.yaml"
     p.write_text(p.read_text().replace("val_ratio: 0.1", "val_ratio: 0.2"))
     out = _run(f"dvc repro {' '.join(DATA_STAGES)}", dest, env)

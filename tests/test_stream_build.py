@@ -39,6 +39,25 @@ def test_mod_prime_fold_equals_modulo_on_edge_values():
     got = x.copy()
     dd._mod_prime_low32(got)
     assert (got == want).all()
+    # Without an edge value in the array, the correction pass is skipped: the same results.
+    y = rng.randint(0, 1 << 63, 10000, dtype=np.uint64) * np.uint64(2)
+    got = y.copy()
+    dd._mod_prime_low32(got)
+    assert (got == (y % np.uint64(P)) & np.uint64(0xFFFFFFFF)).all()
+
+
+def test_lsh_bands_equal_datasketch():
+    """The band split computed here (no scipy import) is datasketch's, over a grid of thresholds and sizes."""
+    from datasketch.lsh import _optimal_param
+
+    for num_perm in (16, 32, 64, 128):
+        for threshold in (0.3, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99):
+            b, r = _optimal_param(threshold, num_perm, 0.5, 0.5)
+            if b < 2:
+                with pytest.raises(ValueError):
+                    dd.lsh_bands(threshold, num_perm)
+            else:
+                assert dd.lsh_bands(threshold, num_perm) == (b, r), (threshold, num_perm)
 
 
 def _reference_signature(near: dd.NearDedup, messages: list[dict]) -> np.ndarray:
@@ -158,6 +177,36 @@ def test_row_scan_equals_a_scan_per_string():
                    "note": rng.choice(texts) + " sekrit-canary-value"}
             assert scan(row) == scanning.rescan(row, red, canaries), row
         assert sum(scan({"m": [t for t, in zip(texts)]}).values()) > 10
+
+
+@pytest.mark.parametrize("canaries", [Canaries(), Canaries(["sekrit-canary-value"])])
+def test_rescan_with_the_prefilter_equals_the_full_scan(canaries):
+    """build_dataset's rescan skips rows the compiled prefilter clears: the counts must be a full scan's,
+    for rows with real secrets in any string (content, tool calls, tool schemas, keys) and plain rows."""
+    from tests.test_detectors import TRUE_POSITIVES
+
+    red = Redactor()
+    if not red.has_compiled_prefilter:
+        pytest.skip("Hyperscan is not installed: every row takes the full scan")
+    state = bd._State(BuildDatasetParams(), None, scanning.RowScanner(red, canaries), {}, "")
+    rng = random.Random(7)
+    secrets = [t for _, _, t, _ in TRUE_POSITIVES] + ["sekrit-canary-value"]
+    plain = ["plain words about the weather", "Summarise the ticket in one line.", "ok", "[tool] done", "a" * 30]
+    cleared = 0
+    for i in range(400):
+        texts = plain if i % 2 else plain + secrets
+        row = {"id": xxhash.xxh3_128_hexdigest(str(i).encode()), "source": "s", "bucket": "real", "domain": "d", "workflow": "w", "trace_id": "t",
+               "messages": [{"role": rng.choice(["user", "assistant"]), "content": rng.choice(texts)}
+                            for _ in range(rng.randint(1, 4))]
+               + [{"role": "assistant", "content": "", "tool_calls": [{"id": "c", "type": "function", "function": {
+                   "name": "lookup", "arguments": core.dumps({"q": rng.choice(texts)}).decode()}}]}],
+               "tools": [{"function": {"name": "lookup", "parameters": {rng.choice(texts): [rng.choice(texts)]}}}]}
+        line = core.dumps(row)
+        full = state.scan_row(row) or None
+        assert state.rescan(row, line) == full, row
+        cleared += red.nothing_to_find(line) and not canaries
+    if not canaries:
+        assert cleared > 50  # the prefilter does clear plain rows (else this test would prove nothing)
 
 
 # ---------------------------------------------------------------- SpillSort
