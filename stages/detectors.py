@@ -40,7 +40,7 @@ class Finding:
 
 # detector -> placeholder kind. The order is also the priority when findings overlap: specific
 # formats first, then context-based, then generic shapes.
-_KINDS = {
+KINDS = {
     "canary": "SECRET",  # a team's declared must-never-appear string (params redact.canaries)
     "private_key": "PRIVATE_KEY",
     "jwt": "JWT",
@@ -91,8 +91,8 @@ _KINDS = {
     "entropy": "SECRET",
     "encoded": "SECRET",  # a base64 or %XX run whose decoded text holds a finding (takes that finding's kind)
 }
-DETECTORS: tuple[str, ...] = tuple(_KINDS)
-_PRIO = {name: i for i, name in enumerate(DETECTORS)}
+DETECTORS: tuple[str, ...] = tuple(KINDS)
+PRIORITY = {name: i for i, name in enumerate(DETECTORS)}  # detector -> rank when findings overlap (lower wins)
 
 # Kinds are upper-case and the number follows '_', so a placeholder is never a token-run, an
 # entropy candidate (no lower case) or an email local part on its own.
@@ -668,7 +668,7 @@ class Redactor:
             if header in self._on and len(value) >= 6 and _plausible_value(value, "TOKEN", False, "") and (
                     header == "cookie" or _looks_random(value.rsplit(" ", 1)[-1])) and _plausible_value(
                     value.rsplit(" ", 1)[-1], "TOKEN", False, ""):
-                return header, _KINDS[header]
+                return header, KINDS[header]
             return None
         if "secret_assignment" not in self._on:
             return None
@@ -686,7 +686,7 @@ class Redactor:
             if (len(value) == 40 and "aws_secret_key" in self._on and set(value) <= _B64
                     and any(c.isupper() for c in value) and any(c.islower() for c in value)
                     and ("secret" in stem or "aws" in stem)):
-                return "aws_secret_key", _KINDS["aws_secret_key"]
+                return "aws_secret_key", KINDS["aws_secret_key"]
             return "secret_assignment", kind
         return None
 
@@ -868,7 +868,7 @@ class Redactor:
 
     def _add(self, out: list[_Cand], start: int, end: int, det: str, kind: str | None = None) -> None:
         if det in self._on and end > start:
-            out.append((start, end, det, kind or _KINDS[det]))
+            out.append((start, end, det, kind or KINDS[det]))
 
     def _blocks(self, text: str, out: list[_Cand]) -> None:
         """Secrets that do not start a token run: PEM blocks and Slack webhook URLs."""
@@ -1254,7 +1254,7 @@ def _merge(cands: list[_Cand]) -> list[Finding]:
         if merged and s < merged[-1][1]:
             last = merged[-1]
             last[1] = max(last[1], e)
-            if _PRIO[det] < _PRIO[last[2]]:
+            if PRIORITY[det] < PRIORITY[last[2]]:
                 last[2], last[3] = det, kind
         else:
             merged.append([s, e, det, kind])

@@ -84,6 +84,20 @@ def normalize_arguments(args: Any) -> str:
     return orjson.dumps(args, option=orjson.OPT_SORT_KEYS).decode()
 
 
+def arguments_as_values(messages: list[dict]) -> None:
+    """Parse normalised tool-call arguments (JSON text) in place, so that redaction sees them value by value."""
+    for m in messages:
+        for call in m.get("tool_calls") or ():
+            call["function"]["arguments"] = orjson.loads(call["function"]["arguments"])
+
+
+def arguments_as_text(messages: list[dict]) -> None:
+    """The inverse of arguments_as_values: tool-call arguments back to normalised JSON text, in place."""
+    for m in messages:
+        for call in m.get("tool_calls") or ():
+            call["function"]["arguments"] = normalize_arguments(call["function"]["arguments"])
+
+
 def _tool_calls(val: Any, where: str) -> list[dict] | None:
     if val is None:
         return None

@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import os
 import re
 from collections import Counter
 from itertools import filterfalse
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -30,12 +28,13 @@ import orjson
 
 from schemas.params import RedactParams
 from schemas.records import BUCKETS, Reject
-from stages.core import (KeyedHasher, atomic_dir, atomic_open, dumps, line_blocks, load_key, load_params, progress,
+from stages.core import (KeyedHasher, atomic_dir, atomic_open, dumps, line_blocks, load_key, load_params,
                          write_json)
-from stages.detectors import (BATCH_SEP, Finding, Placeholders, Redactor, merge_findings, prefilter_database, rule_sets,
-                              structural_secrets)
-from stages.readers import (SESSION_FORMATS, ParseError, normalize, normalize_arguments, parse_line, session_traces,
-                            sniff_file)
+from stages.detectors import BATCH_SEP, Finding, Placeholders, Redactor, merge_findings, rule_sets, structural_secrets
+from stages.executor import Executor
+from stages.readers import (SESSION_FORMATS, ParseError, arguments_as_text, arguments_as_values, normalize, parse_line,
+                            session_traces, sniff_file)
+from stages.scanning import rebuild_strings, redactor_from, strings_into
 
 
 # ---------------------------------------------------------------- discovery
@@ -76,19 +75,43 @@ def plan_blocks(files: Iterable[tuple[str, str, Path]],
             yield (rel, bucket, *blk)
 
 
-def plan_work(files: Iterable[tuple[str, str, Path]],
-              block: int = BLOCK_BYTES) -> Iterator[tuple[str, str, str, int, int, int, str | None]]:
-    """plan_blocks plus the reading mode: a session file (Claude Code, Codex: a trace spans many lines) is one
-    block read whole by one worker, with its format; any other file is cut as usual (mode None)."""
+# A block of work: (bytes, pieces), a piece being (rel, bucket, path, offset, length, first line, mode). The
+# mode is None for lines cut as usual, a session format (a file read whole: a trace spans many lines), or
+# SNIFF: a small file whose worker sniffs it first.
+Piece = tuple[str, str, str, int, int, int, "str | None"]
+SNIFF = "sniff"
+
+
+def plan_work(files: Iterable[tuple[str, str, Path]], block: int = BLOCK_BYTES) -> Iterator[tuple[int, tuple[Piece, ...]]]:
+    """The executor's blocks, in file order. A file of `block` bytes or more is sniffed here: a session file
+    (Claude Code, Codex) is one piece read whole by one worker, any other file is cut into blocks of whole
+    lines. Smaller files (one session each, mostly: thousands of them) are grouped into blocks of about
+    `block` bytes and sniffed by the worker that reads them, so the parent opens none of them and the pool
+    sends one task per megabyte, not one per file."""
+    group: list[Piece] = []
+    size = 0
     for rel, bucket, path in files:
+        n = path.stat().st_size
+        if not n:
+            continue  # no lines: nothing to read or count
+        if n < block:
+            group.append((rel, bucket, str(path), 0, n, 1, SNIFF))
+            size += n
+            if size >= block:
+                yield size, tuple(group)
+                group, size = [], 0
+            continue
+        if group:
+            yield size, tuple(group)
+            group, size = [], 0
         fmt = sniff_file(path)
         if fmt in SESSION_FORMATS:
-            size = path.stat().st_size
-            if size:
-                yield rel, bucket, str(path), 0, size, 1, fmt
+            yield n, ((rel, bucket, str(path), 0, n, 1, fmt),)
         else:
             for blk in plan_blocks([(rel, bucket, path)], block):
-                yield (*blk, None)
+                yield blk[4], ((*blk, None),)
+    if group:
+        yield size, tuple(group)
 
 
 def block_lines(path: str, offset: int, length: int, first: int) -> Iterator[tuple[int, bytes | None]]:
@@ -107,50 +130,9 @@ def block_lines(path: str, offset: int, length: int, first: int) -> Iterator[tup
 
 
 # ---------------------------------------------------------------- redaction of one record
-def _collect(obj: Any, out: list[str]) -> None:
-    """Every string of a record, dict keys included, in a fixed walk order."""
-    if isinstance(obj, str):
-        out.append(obj)
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            out.append(k)
-            _collect(v, out)
-    elif isinstance(obj, list):
-        for v in obj:
-            _collect(v, out)
-
-
-def _rebuild(obj: Any, it: Iterator[str]) -> Any:
-    """The same walk as _collect, taking each string's replacement from `it`."""
-    if isinstance(obj, str):
-        return next(it)
-    if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            nk = next(it)
-            out[nk] = _rebuild(v, it)
-        return out
-    if isinstance(obj, list):
-        return [_rebuild(v, it) for v in obj]
-    return obj
-
-
-def _arguments_json(messages: list[dict]) -> None:
-    """Parse tool-call arguments in place so that redaction runs value by value, not on JSON text."""
-    for m in messages:
-        for call in m.get("tool_calls") or ():
-            call["function"]["arguments"] = orjson.loads(call["function"]["arguments"])
-
-
-def _arguments_text(messages: list[dict]) -> None:
-    for m in messages:
-        for call in m.get("tool_calls") or ():
-            call["function"]["arguments"] = normalize_arguments(call["function"]["arguments"])
-
-
-# The joined text of a trace is built from orjson's output rather than by a Python walk (_collect
+# The joined text of a trace is built from orjson's output rather than by a Python walk (strings_into
 # costs ~0.4 us a string, ~60 strings a trace). orjson writes a dict's keys and values in the same
-# order as _collect visits them, and every string as a JSON literal between two unescaped quotes, so
+# order as strings_into visits them, and every string as a JSON literal between two unescaped quotes, so
 # splitting its output on '"' gives the literals at the odd positions. Joining them with the JSON form
 # of the separator and decoding once yields exactly `BATCH_SEP.join(texts)`. A quote inside a string
 # is written `\"`; before splitting, escaped backslashes and escaped quotes become control bytes that
@@ -179,7 +161,7 @@ def _split(fields: dict[str, Any], data: bytes | None = None) -> tuple[list[byte
 
 
 def _literals(fields: dict[str, Any]) -> tuple[list[bytes], bool, bool]:
-    """The JSON string literals (without quotes) of `fields` in _collect order; whether escapes were
+    """The JSON string literals (without quotes) of `fields` in strings_into order; whether escapes were
     hidden; whether any string holds a '<' (orjson never escapes it), i.e. may hold a placeholder."""
     parts, hidden, lt, _ = _split(fields)
     return parts[1::2], hidden, lt
@@ -297,7 +279,7 @@ def _prepare(fields: dict[str, Any], redactor: Redactor, cache: CleanCache | Non
     orjson's output that neither a detector nor a secret-named key can find anything, and no canary
     occurs, the record is done as it is: no strings taken out, no keyed search, no scan, no memo, no
     rebuild (`fast=False` forces the full path; tests/test_redact_fast.py checks both give the same bytes)."""
-    _arguments_json(fields["messages"])
+    arguments_as_values(fields["messages"])
     p = _Pending(fields)
     data = _dump(fields)
     if fast and data and not any(lit in data for _, lit in canaries) and redactor.nothing_to_find(data):
@@ -308,8 +290,8 @@ def _prepare(fields: dict[str, Any], redactor: Redactor, cache: CleanCache | Non
     p.keyed = _keyed_secrets(data, p.hidden, redactor, fields, canaries)
     if len(p.lits) < 2:  # redact_many redacts a lone string on its own; keep that path exact (and the walk)
         texts: list[str] = []
-        _collect(fields, texts)
-        p.done = _rebuild(fields, iter(redactor.redact_many(texts, p.table)))
+        strings_into(fields, texts)
+        p.done = rebuild_strings(fields, iter(redactor.redact_many(texts, p.table)))
         return p
     if lt:  # placeholders are reserved from every string, the cached ones too
         for lit in p.lits:
@@ -381,12 +363,12 @@ def _finish(p: _Pending, found: list[Finding], redactor: Redactor,
         idx = _positions(p.lits, p.todo)
         for i, t in zip(idx, redactor.settle_many([texts[i] for i in idx], found, p.table)):
             texts[i] = t
-        out = _rebuild(p.fields, iter(texts))
+        out = rebuild_strings(p.fields, iter(texts))
     else:
-        out = p.fields  # nothing to replace: _rebuild would only copy it
+        out = p.fields  # nothing to replace: rebuild_strings would only copy it
         if cache is not None and p.todo:
             cache.add(p.todo)
-    _arguments_text(out["messages"])
+    arguments_as_text(out["messages"])
     return out, p.table.counts
 
 
@@ -435,9 +417,7 @@ class Worker:
         self.params = params
         self.fast = fast  # False: every record takes the full path (tests compare the two)
         self.hasher = KeyedHasher(key)
-        self.redactor = Redactor(ip_public_only=params.ip_public_only, entropy_threshold=params.entropy_threshold,
-                                 entropy_min_len=params.entropy_min_len, disabled=frozenset(params.disabled_detectors),
-                                 keep_documentation_emails=params.keep_documentation_emails, names=params.names)
+        self.redactor = redactor_from(params)
         self.cache = CleanCache()
         self.fast = self.fast and self.redactor.has_compiled_prefilter
         # Canaries are replaced wherever they occur (value-level defence); leaks still checks for them.
@@ -499,14 +479,6 @@ class Worker:
             "omitted": omitted}
 
 
-_WORKER: Worker | None = None
-
-
-def _init(params: RedactParams, key: bytes) -> None:
-    global _WORKER
-    _WORKER = Worker(params, key)
-
-
 def _session_lines(fmt: str, lines: list[tuple[int, bytes]], max_line_bytes: int) -> tuple[list[tuple], int]:
     """A session file's lines -> ((first line, fields or ParseError) per trace or rejected line, lines merged
     into traces beyond their first)."""
@@ -525,15 +497,23 @@ def _session_lines(fmt: str, lines: list[tuple[int, bytes]], max_line_bytes: int
     return out, merged
 
 
-def _work(block: tuple[str, str, str, int, int, int, str | None]) -> tuple[str, str, int, int, list[tuple], int]:
-    """One block -> (rel, bucket, lines, blank lines, results in line order, lines merged into sessions).
+def redact_block(worker: Worker, block: tuple[int, tuple[Piece, ...]]) -> list[tuple[str, str, int, int, list[tuple], int]]:
+    """The executor's per-block function (pure but for the worker's memo of clean strings): for each piece,
+    (rel, bucket, lines, blank lines, results in line order, lines merged into sessions)."""
+    return [_piece(worker, piece) for piece in block[1]]
+
+
+def _piece(worker: Worker, piece: Piece) -> tuple[str, str, int, int, list[tuple], int]:
+    """One piece -> (rel, bucket, lines, blank lines, results in line order, lines merged into sessions).
 
     A result is ("reject", payload, reason) or ("trace", payload, id, line, counts, ineligible, omitted); the
-    parent keeps the first trace of each id, so the per-trace figures travel with it. A session file's block
-    (fmt set) is grouped into its traces first.
+    parent keeps the first trace of each id, so the per-trace figures travel with it. A session file's piece
+    is grouped into its traces first.
     """
-    assert _WORKER is not None
-    rel, bucket, path, offset, length, first, fmt = block
+    rel, bucket, path, offset, length, first, fmt = piece
+    if fmt == SNIFF:
+        fmt = sniff_file(path)
+        fmt = fmt if fmt in SESSION_FORMATS else None
     lines = blank = merged = 0
     out: list[tuple] = []
     todo: list[tuple[int, bytes]] = []
@@ -544,8 +524,8 @@ def _work(block: tuple[str, str, str, int, int, int, str | None]) -> tuple[str, 
         else:
             todo.append((lineno, raw))
     if fmt is not None:
-        todo, merged = _session_lines(fmt, todo, _WORKER.params.max_line_bytes)
-    for (lineno, _), (kind, payload, info) in zip(todo, _WORKER.block(rel, bucket, todo)):
+        todo, merged = _session_lines(fmt, todo, worker.params.max_line_bytes)
+    for (lineno, _), (kind, payload, info) in zip(todo, worker.block(rel, bucket, todo)):
         if kind == "reject":
             out.append((kind, payload, info["reason"]))
         else:
@@ -554,73 +534,75 @@ def _work(block: tuple[str, str, str, int, int, int, str | None]) -> tuple[str, 
     return rel, bucket, lines, blank, out, merged
 
 
+class _Tally:
+    """What the parent counts while it writes: the figures of metrics/redact.json."""
+
+    def __init__(self, files: int):
+        self.stats: Counter = Counter(files=files)
+        self.reasons: Counter = Counter()
+        self.detectors: Counter = Counter()
+        self.ineligible: Counter = Counter()
+        self.by_bucket: Counter = Counter()
+        self.omitted: Counter = Counter()
+        self.with_redactions = 0
+        self.seen: dict[str, tuple[str, int]] = {}  # trace id -> where it first occurred
+
+    def piece(self, result: tuple[str, str, int, int, list[tuple], int], ft: Any, fr: Any) -> None:
+        """Write one piece's traces and rejects; the first trace of an id wins, later ones are rejects."""
+        rel, bucket, lines, blank, out, merged = result
+        self.stats["lines"] += lines
+        self.stats["blank_lines"] += blank
+        self.stats["merged_lines"] += merged
+        kept: list[bytes] = []
+        for r in out:
+            if r[0] == "reject":
+                fr.write(r[1] + b"\n")
+                self.reasons[r[2]] += 1
+                continue
+            _, payload, tid, lineno, counts, inel, omitted = r
+            if tid in self.seen:
+                first = self.seen[tid]
+                rej = Reject(file=rel, line=lineno, reason="duplicate_id", detail=f"same id as {first[0]}:{first[1]}")
+                fr.write(dumps(rej) + b"\n")
+                self.reasons["duplicate_id"] += 1
+                continue
+            self.seen[tid] = (rel, lineno)
+            kept.append(payload)
+            if counts:
+                self.detectors.update(counts)
+                self.with_redactions += 1
+            if omitted:
+                self.omitted.update(omitted)
+            if inel:
+                self.ineligible.update(inel)
+            else:
+                self.stats["trainable"] += 1
+        if kept:
+            kept.append(b"")
+            ft.write(b"\n".join(kept))  # one write a piece; the trailing b"" ends the last line
+        self.stats["traces"] += len(kept) - 1 if kept else 0
+        self.by_bucket[bucket] += len(kept) - 1 if kept else 0
+
+
 def run(raw_root: Path, out_traces: Path, out_rejects: Path, params: RedactParams, key: bytes) -> dict[str, Any]:
-    """Stream the snapshot through the workers; returns the metrics dict."""
+    """Stream the snapshot through the executor; returns the metrics dict."""
     files, file_rejects = discover(raw_root)
-    stats: Counter = Counter()
-    reasons: Counter = Counter()
-    detectors: Counter = Counter()
-    ineligible: Counter = Counter()
-    by_bucket: Counter = Counter()
-    omitted_kinds: Counter = Counter()
-    seen: dict[str, tuple[str, int]] = {}
-    traces_with_redactions = 0
-    workers = params.workers or os.cpu_count() or 1
-    stats["files"] = len(files)
+    tally = _Tally(len(files))
     blocks = list(plan_work(files))
+    # Built once here (detectors compiled, Hyperscan database included): forked workers inherit it.
+    worker = Worker(params, key)
+    executor = Executor.from_setting(params.workers)
     with atomic_open(out_traces) as ft, atomic_open(out_rejects) as fr:
         for rej in file_rejects:
             fr.write(dumps(rej) + b"\n")
-            reasons[rej.reason] += 1
-        if workers > 1:
-            prefilter_database(params.entropy_min_len)  # compiled once here; the forked workers inherit it
-            pool = get_context("fork").Pool(workers, initializer=_init, initargs=(params, key))
-            # imap keeps block order, so the output does not depend on the worker count or timing.
-            results = pool.imap(_work, blocks)
-        else:
-            pool = None
-            _init(params, key)
-            results = map(_work, blocks)
-        results = progress(results, blocks, "redact", lambda r: r[2] - r[3], length_at=4)  # stderr only
-        try:
-            for rel, bucket, lines, blank, out, merged in results:
-                stats["lines"] += lines
-                stats["blank_lines"] += blank
-                stats["merged_lines"] += merged
-                kept: list[bytes] = []
-                for r in out:
-                    if r[0] == "reject":
-                        fr.write(r[1] + b"\n")
-                        reasons[r[2]] += 1
-                        continue
-                    _, payload, tid, lineno, counts, inel, omitted = r
-                    if tid in seen:
-                        first = seen[tid]
-                        rej = Reject(file=rel, line=lineno, reason="duplicate_id",
-                                     detail=f"same id as {first[0]}:{first[1]}")
-                        fr.write(dumps(rej) + b"\n")
-                        reasons["duplicate_id"] += 1
-                        continue
-                    seen[tid] = (rel, lineno)
-                    kept.append(payload)
-                    if counts:
-                        detectors.update(counts)
-                        traces_with_redactions += 1
-                    omitted_kinds.update(omitted or {})
-                    if inel:
-                        ineligible.update(inel)
-                    else:
-                        stats["trainable"] += 1
-                if kept:
-                    kept.append(b"")
-                    ft.write(b"\n".join(kept))  # one write a block; the trailing b"" ends the last line
-                stats["traces"] += len(kept) - 1 if kept else 0
-                by_bucket[bucket] += len(kept) - 1 if kept else 0
-        finally:
-            if pool is not None:
-                pool.terminate()
-    return _metrics(stats, reasons, detectors, ineligible, by_bucket, omitted_kinds, traces_with_redactions,
-                    len(file_rejects), key)
+            tally.reasons[rej.reason] += 1
+        # block order, whatever the worker count or timing: the output does not depend on either
+        for result in executor.map(redact_block, blocks, worker, label="redact", length_at=0,
+                                   records=lambda res: sum(r[2] - r[3] for r in res)):
+            for piece in result:
+                tally.piece(piece, ft, fr)
+    return _metrics(tally.stats, tally.reasons, tally.detectors, tally.ineligible, tally.by_bucket, tally.omitted,
+                    tally.with_redactions, len(file_rejects), key)
 
 
 def _metrics(stats: Counter, reasons: Counter, detectors: Counter, ineligible: Counter, by_bucket: Counter,

@@ -19,12 +19,12 @@ KEY = b"test-key-0123456789abcdef-not-for-production"
 
 def _outputs(raw_root: Path, fast: bool, hyperscan: bool = True) -> list:
     params = load_params(ROOT / "params.yaml", "redact", RedactParams)
-    R._init(params, KEY)
-    R._WORKER.fast = fast  # forced: the stage itself takes the fast path only with Hyperscan
+    worker = R.Worker(params, KEY)
+    worker.fast = fast  # forced: the stage itself takes the fast path only with Hyperscan
     if not hyperscan:
-        R._WORKER.redactor._hs = None  # the pure-Python checks
+        worker.redactor._hs = None  # the pure-Python checks
     files, _ = R.discover(raw_root)
-    return [R._work(b) for b in R.plan_work(files)]
+    return [piece for block in R.plan_work(files) for piece in R.redact_block(worker, block)]
 
 
 def _fixture_snapshot(root: Path) -> Path:
