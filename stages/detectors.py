@@ -581,14 +581,12 @@ class Redactor:
         """True when no detector can find anything in any string of a record whose compact JSON
         (orjson's output) is `data`: the record needs no scan. False means "maybe" (see the
         clean-record prefilter at the end of this module)."""
-        if self.names or not data.isascii() or b"\\\\" in data or b"\\u" in data:
+        if self.names or not data.isascii():
             return False
-        if b"\\" in data:  # only JSON's own escapes are left: each stands for one char of a string
-            data = data.replace(b"\\n", b"\n")  # by far the commonest; each replace copies the record
-            if b"\\" in data:
-                for esc, ch in _JSON_ESC:
-                    if esc in data:
-                        data = data.replace(esc, ch)
+        if b"\\" in data:  # JSON's escapes: each must stand for one char of a string (see _unescape)
+            data = _unescape(data)
+            if data is None:
+                return False
         if self._hs is None:
             return self._nothing_to_find_py(data.decode("ascii"))
         db, scratch, terminated = self._hs
@@ -1380,6 +1378,24 @@ _PRIVATE_V4 = ("127.", "10.", "0.", "192.168.")
 
 
 _JSON_ESC = ((b"\\n", b"\n"), (b"\\r", b"\r"), (b"\\t", b"\t"), (b'\\"', b'"'), (b"\\b", b"\b"), (b"\\f", b"\f"))
+_UNESC = {esc[1]: ch for esc, ch in _JSON_ESC}  # the byte after a backslash -> the char it stands for
+
+
+def _unescape(data: bytes) -> bytes | None:
+    r"""orjson's output with its one-char escapes (`\n`, `\"`...) decoded; None when a string holds an
+    escaped backslash or a `\u` escape (a control char): what those hide is left to the full scan.
+
+    One split on the backslash (C speed) instead of a search per escape: a two-byte search costs about
+    1 ns a byte, ten of them were half of nothing_to_find's time."""
+    parts = data.split(b"\\")
+    out = [parts[0]]
+    for part in parts[1:]:
+        ch = _UNESC.get(part[0]) if part else None  # empty: two backslashes in a row, an escaped one
+        if ch is None:
+            return None
+        out.append(ch)
+        out.append(part[1:])
+    return b"".join(out)
 
 
 _B64_RUN_B = re.compile(families._B64_RUN.pattern.encode())
