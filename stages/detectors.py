@@ -1409,6 +1409,15 @@ def _b64_candidate(data: bytes) -> bool:
         e = tok.find(b" ", s)
         e = len(data) if e < 0 else e
         pos = e
+        # The base64 chars from s (up to a `~`, the one token char outside base64) are what _B64_RUN_B
+        # takes; b64_text decodes nothing shorter than 16 or in one case: most runs (hex ids, snake_case
+        # names) end here, without the match, the decode and the call (ASCII: bytes.lower is str.lower).
+        body = data[s:e]
+        tilde = body.find(b"~")
+        if tilde >= 0:
+            body = body[:tilde]
+        if len(body) < 16 or body.lower() == body or body.upper() == body:
+            continue
         m = _B64_RUN_B.match(data, s, e + 2)
         if m and families.b64_text(m.group().decode("ascii")) is not None:
             return True
