@@ -595,7 +595,7 @@ class Redactor:
             db.scan(data, match_event_handler=_hs_hit, context=hits, scratch=scratch)
         except terminated:  # stopped at the first final condition
             return False
-        if hits and (hits[-1] != _HS_IPV4 or self._ipv4_candidate(data.decode("ascii"))):
+        if hits and (hits[-1] != _HS_IPV4 or self._ipv4_candidate(data)):
             return False
         return "encoded" not in self._on or not _b64_candidate(data)
 
@@ -621,7 +621,7 @@ class Redactor:
             return False
         raw = text.encode()
         shape = raw.translate(_SHAPE_T)
-        if _PF_SHAPE.search(shape) or (shape.find(b"0.0") >= 0 and self._ipv4_candidate(text)):
+        if _PF_SHAPE.search(shape) or (shape.find(b"0.0") >= 0 and self._ipv4_candidate(raw)):
             return False
         out: list[_Cand] = []
         self._runs(text, raw.translate(_RUN_T), out)  # vendor and provider tokens: the scan's own code
@@ -644,10 +644,21 @@ class Redactor:
                 i = low.find(root, i + 1)
         return "--" in low and _PF_FLAG.search(low) is not None
 
-    def _ipv4_candidate(self, text: str) -> bool:
-        for m in _PUBLIC_V4.finditer(text):
-            if not (self.ip_public_only and m.group().startswith(_PRIVATE_V4)):
+    def _ipv4_candidate(self, data: bytes) -> bool:
+        """Whether `_PUBLIC_V4.finditer` (on ASCII `data`) finds an address that is not private. A match
+        starts where a run of digits does (its lookbehind) and holds a `0.0` in its shape where its first
+        octet ends, so only those starts are tried: C-level finds instead of the regex at every byte
+        (~30 us a record). Matches cannot overlap, so these are exactly finditer's."""
+        shape = data.translate(_SHAPE_T)
+        i = shape.find(b"0.0")
+        while i >= 0:
+            s = i
+            while s and shape[s - 1] == 0x30:  # back to the first digit of the run
+                s -= 1
+            m = _PUBLIC_V4_B.match(data, s)
+            if m and not (self.ip_public_only and m.group().startswith(_PRIVATE_V4_B)):
                 return True
+            i = shape.find(b"0.0", i + 1)
         return False
 
     def key_value(self, key: str, value: str) -> tuple[str, str] | None:
@@ -1375,6 +1386,8 @@ _PF_TILDE = re.compile(r"~[a-z_]")
 _PF_SHAPE = re.compile(rb"0(?:[ .()\-]*0){8}|AA00(?: ?[A0]){11}|0\.0{4}|0\.0{1,2}\.0{1,3}\.0")
 _PUBLIC_V4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}", re.A)
 _PRIVATE_V4 = ("127.", "10.", "0.", "192.168.")
+_PUBLIC_V4_B = re.compile(_PUBLIC_V4.pattern.encode(), re.A)  # the same on bytes (ASCII: the same matches)
+_PRIVATE_V4_B = tuple(p.encode() for p in _PRIVATE_V4)
 
 
 _JSON_ESC = ((b"\\n", b"\n"), (b"\\r", b"\r"), (b"\\t", b"\t"), (b'\\"', b'"'), (b"\\b", b"\b"), (b"\\f", b"\f"))

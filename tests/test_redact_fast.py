@@ -117,3 +117,15 @@ def test_prefilter_clears_plain_records_and_stops_at_what_it_cannot_see():
         rec = {"messages": [{"role": "user", "content": "Fix the failing test " + hidden}]}
         assert not r.nothing_to_find(orjson.dumps(rec)), hidden
     assert not Redactor(names=True).nothing_to_find(orjson.dumps(clean))  # names: always the full path
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(["1", "2", "5", "0", "25", "255", "256", "127", "10", "192", "168", ".", ".", "a", "_",
+                                 " ", '"', "8.8.8.8", "v1."]), max_size=24).map("".join), st.booleans())
+def test_ipv4_candidate_is_the_regex_scan(text, public_only):
+    """The prefilter's IPv4 check tries only the starts of digit runs; it must agree with finditer over the text."""
+    from stages.detectors import _PRIVATE_V4, _PUBLIC_V4
+
+    r = Redactor(ip_public_only=public_only, use_hyperscan=False)
+    want = any(not (public_only and m.group().startswith(_PRIVATE_V4)) for m in _PUBLIC_V4.finditer(text))
+    assert r._ipv4_candidate(text.encode()) == want
