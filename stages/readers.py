@@ -663,20 +663,38 @@ def normalize(rec: dict[str, Any]) -> dict[str, Any]:
     return _fields(rec, fmt, messages, _tools(_responses_tools(tools)), used, ctx)
 
 
+_META = ("workflow", "task_category", "source", "harness", "created_at", "project", "domain")
+
+
+def _check_meta(rec: dict) -> None:
+    """Raise what building the fields would raise first, in the same order (a value that is not a string)."""
+    if not _str(rec, "workflow"):
+        _str(rec, "task_category")
+    _source_id(rec)
+    if not _str(rec, "source"):
+        _str(rec, "harness")
+    for key in ("created_at", "project", "domain", "task_category"):
+        _str(rec, key)
+
+
 def _fields(rec: dict, fmt: str, messages: list[dict], tools: list | None, used: frozenset, ctx: _Ctx) -> dict:
-    workflow = _str(rec, "workflow") or _str(rec, "task_category") or "general"
+    meta = [rec.get(k) for k in _META]
+    if not all(v is None or type(v) is str for v in meta):  # rare: find the field to name, as before
+        _check_meta(rec)
+    workflow, category, source, harness, created_at, project, domain = meta
+    workflow = workflow or category or "general"
     extra = {k: v for k, v in rec.items() if k not in used}
     extra.update(ctx.extra)
     _keep_raw(rec, extra)
     return {
         "format": fmt,
         "source_id": _source_id(rec),
-        "source": _str(rec, "source") or _str(rec, "harness") or fmt,
-        "created_at": _str(rec, "created_at"),
-        "project": _str(rec, "project") or "unknown",
-        "domain": _str(rec, "domain") or "general",
+        "source": source or harness or fmt,
+        "created_at": created_at,
+        "project": project or "unknown",
+        "domain": domain or "general",
         "workflow": workflow,
-        "task_category": _str(rec, "task_category") or workflow,
+        "task_category": category or workflow,
         "outcome": _outcome(rec.get("outcome")),
         "review": _review(rec),
         "messages": messages,

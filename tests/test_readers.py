@@ -122,3 +122,44 @@ def test_approved_runs_read_without_the_model_as_with_it(rec, review, full):
             rd._plain_run = saved
 
     assert outcome(True) == outcome(False)
+
+
+def _fields_reference(rec, fmt, messages, tools, used, ctx):
+    """readers._fields before its fast path: every metadata value through _str, in this order."""
+    from stages.readers import _keep_raw, _outcome, _review, _source_id, _str
+
+    workflow = _str(rec, "workflow") or _str(rec, "task_category") or "general"
+    extra = {k: v for k, v in rec.items() if k not in used}
+    extra.update(ctx.extra)
+    _keep_raw(rec, extra)
+    return {"format": fmt, "source_id": _source_id(rec), "source": _str(rec, "source") or _str(rec, "harness") or fmt,
+            "created_at": _str(rec, "created_at"), "project": _str(rec, "project") or "unknown",
+            "domain": _str(rec, "domain") or "general", "workflow": workflow,
+            "task_category": _str(rec, "task_category") or workflow, "outcome": _outcome(rec.get("outcome")),
+            "review": _review(rec), "messages": messages, "tools": tools, "extra": extra,
+            "omitted": dict(sorted(ctx.omitted.items()))}
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(["workflow", "task_category", "source", "harness", "created_at", "project",
+                                        "domain", "id", "review"]),
+                       st.one_of(st.none(), st.sampled_from(["", "x", "ops"]), st.integers(0, 2), st.lists(st.just(1),
+                                                                                                     max_size=1)),
+                       max_size=9))
+def test_metadata_fast_path_gives_the_checked_fields_and_errors(meta):
+    import stages.readers as rd
+
+    rec = {**meta, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}
+
+    def outcome():
+        try:
+            return normalize(json.loads(json.dumps(rec)))
+        except ParseError as exc:
+            return (exc.reason, exc.detail)
+
+    got = outcome()
+    saved, rd._fields = rd._fields, _fields_reference
+    try:
+        assert got == outcome()
+    finally:
+        rd._fields = saved
