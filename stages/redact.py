@@ -5,10 +5,13 @@ trusted). Ids are replaced by keyed hashes. Runs that may not train stay in the 
 `trainable: false` and their reasons, so export can still count them.
 
 Speed (see bench/README.md), without skipping any detector or string:
-- workers read blocks of whole lines themselves (`plan_blocks`); the parent only counts lines,
-  keeps the first trace of each id and writes each block's output in one go, in block order;
-- a record's strings come from orjson's output (`_literals`), not from a Python walk, and the
-  record is rebuilt only when something was found (a few % of traces);
+- stages/executor.py maps `redact_block` over planned blocks (`plan_work`): the workers read whole
+  lines themselves (small files, one session each, grouped ~1 MB a block and sniffed by their
+  worker); the parent only counts lines of large files, keeps the first trace of each id and writes
+  each piece's output in one go, in block order (`_Tally`);
+- a record the prefilter clears (`_cleared`: Redactor.nothing_to_find on orjson's output, ~90% of
+  them) is finished on the spot; for the others, strings come from orjson's output (`_literals`),
+  not from a Python walk, and the record is rebuilt only when something was found (a few %);
 - a worker remembers the strings it already scanned clean (`CleanCache`: tool schemas, prompts,
   keys) and scans only new ones, those of `SCAN_BATCH` records in one pass (`_scan_many`).
 Both rest on one property of the detectors: what they find in a string depends on that string
