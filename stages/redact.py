@@ -588,8 +588,8 @@ class _Tally:
         self.by_bucket: Counter = Counter()
         self.omitted: Counter = Counter()
         self.with_redactions = 0
-        # trace id (as an int) -> where it first occurred (file number << 40 | line): ~110 bytes a trace, a
-        # third of a {hex string: (file, line)} table (256 MB at 1M traces)
+        # trace id (as an int) -> where it first occurred (file number << 40 | line): 155 MB for 1M traces,
+        # against 198 MB for a {hex id: (file, line)} table (measured alone, README "Performance")
         self.seen: dict[int, int] = {}
         self.rels: list[str] = []
         self.rel_no: dict[str, int] = {}
