@@ -40,7 +40,8 @@ import orjson
 
 from schemas.params import RedactParams
 from stages.core import load_params
-from stages.detectors import DETECTORS, KINDS, PLACEHOLDER_RE, PRIORITY, Placeholders, Redactor
+from stages import detectors
+from stages.detectors import DETECTORS, PLACEHOLDER_RE, PRIORITY, Placeholders, Redactor
 from stages.readers import arguments_as_values, normalize, normalize_arguments
 from stages.redact import redact_fields
 from stages.scanning import strings_into
@@ -59,10 +60,10 @@ BENIGN_GROUP = "benign_code"
 BETA = 2.0
 
 # detector family -> placeholder kinds that count as the right type
-FAMILY: dict[str, frozenset[str]] = {det: frozenset({kind}) for det, kind in KINDS.items()}
+FAMILY: dict[str, frozenset[str]] = {det: frozenset({kind}) for det, kind in detectors.KINDS.items()}
 FAMILY["secret_assignment"] = frozenset({"PASSWORD", "API_KEY", "TOKEN", "SECRET"})
 # a finding in decoded text takes the kind of what it found there (a base64 password is a PASSWORD)
-FAMILY["encoded"] = frozenset(KINDS.values())
+FAMILY["encoded"] = frozenset(detectors.KINDS.values())
 # placeholder kind -> the first (highest-priority) detector that emits it: attribution of a span
 # that `scan` of the original did not report (found by a rescan after a neighbour was replaced)
 _KIND_DET: dict[str, str] = {}
