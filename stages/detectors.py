@@ -1362,7 +1362,8 @@ _NOT_TOKEN = r"(?![A-Za-z0-9_\-])"  # where a root word's run ends (detectors re
 # Literals whose presence alone sends a record to the full scan (the families that start from them).
 _CASED_LITERALS = ("-----BEGIN", "hooks.slack.com/", "Private-Lines:", "/home/", "/Users/")
 _LOWER_LITERALS = ("sshpass", "htpasswd", "bearer", "accountkey=", "_authtoken=", "cookie", "mysql", "birth", "passport", "ssn", "social sec", " dot ", "[at]",
-                   "(at)", ":/users/", "signature", "bday", "social_sec")
+                   "(at)", ":/users/", "signature", "bday", "social_sec",
+                   "private_key_id")  # key_value's GCP key-id rule: `"private_key_id": "<any plausible value>"`
 _KIND_RE = "|".join(map(re.escape, _KIND_WORDS))
 # At a root word's position: a secret word that ends its run, then an assignment or a sibling value
 # (`_key_values`); or any secret word (`key`, `tokens` too): the entropy window is checked after it.

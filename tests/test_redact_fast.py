@@ -129,3 +129,14 @@ def test_ipv4_candidate_is_the_regex_scan(text, public_only):
     r = Redactor(ip_public_only=public_only, use_hyperscan=False)
     want = any(not (public_only and m.group().startswith(_PRIVATE_V4)) for m in _PUBLIC_V4.finditer(text))
     assert r._ipv4_candidate(text.encode()) == want
+
+
+@pytest.mark.parametrize("hyperscan", [True, False])
+def test_a_gcp_key_id_is_never_cleared(hyperscan):
+    """key_value redacts any plausible value under `private_key_id` (a service-account key's id), with no other
+    sign in the value: the prefilter must not clear such a record (hypothesis found `"08.8.4.4"` getting through)."""
+    r = Redactor(use_hyperscan=hyperscan)
+    for key in ("private_key_id", "Private_Key_ID", "gcp_private_key_id"):
+        data = orjson.dumps({"messages": [{"role": "user", "content": "hi"}], "extra": {key: "08.8.4.4"}})
+        assert r.key_value(key, "08.8.4.4") is not None
+        assert not r.nothing_to_find(data), key
