@@ -40,9 +40,11 @@ import orjson
 
 from schemas.params import RedactParams
 from stages.core import load_params
-from stages.detectors import _KINDS, _PRIO, DETECTORS, PLACEHOLDER_RE, Placeholders, Redactor
-from stages.readers import normalize, normalize_arguments
-from stages.redact import _arguments_json, _arguments_text, _collect, _rebuild, redact_fields
+from stages import detectors
+from stages.detectors import DETECTORS, PLACEHOLDER_RE, PRIORITY, Placeholders, Redactor
+from stages.readers import arguments_as_values, normalize, normalize_arguments
+from stages.redact import redact_fields
+from stages.scanning import strings_into
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every place a trace holds a string: user and assistant text, the system prompt, tool-call arguments
@@ -58,10 +60,10 @@ BENIGN_GROUP = "benign_code"
 BETA = 2.0
 
 # detector family -> placeholder kinds that count as the right type
-FAMILY: dict[str, frozenset[str]] = {det: frozenset({kind}) for det, kind in _KINDS.items()}
+FAMILY: dict[str, frozenset[str]] = {det: frozenset({kind}) for det, kind in detectors.KINDS.items()}
 FAMILY["secret_assignment"] = frozenset({"PASSWORD", "API_KEY", "TOKEN", "SECRET"})
 # a finding in decoded text takes the kind of what it found there (a base64 password is a PASSWORD)
-FAMILY["encoded"] = frozenset(_KINDS.values())
+FAMILY["encoded"] = frozenset(detectors.KINDS.values())
 # placeholder kind -> the first (highest-priority) detector that emits it: attribution of a span
 # that `scan` of the original did not report (found by a rescan after a neighbour was replaced)
 _KIND_DET: dict[str, str] = {}
@@ -82,7 +84,7 @@ def surface(location: str, text: str) -> list[str]:
     (tool-call arguments, a tool schema, a metadata object)."""
     if location in _JSON_LOCATIONS:
         out: list[str] = []
-        _collect(json.loads(normalize_arguments(text)) if location in _ARG_LOCATIONS else json.loads(text), out)
+        strings_into(json.loads(normalize_arguments(text)) if location in _ARG_LOCATIONS else json.loads(text), out)
         return out
     return [text]
 
@@ -198,17 +200,17 @@ def redact_text(location: str, text: str, redactor: Redactor) -> tuple[list[str]
     `redact_fields`; the case's strings are paired by walking the record before and after (redaction
     replaces strings, never adds or removes one, so the walks line up)."""
     fields = _fields(location, text)
-    _arguments_json(fields["messages"])
+    arguments_as_values(fields["messages"])
     texts: list[str] = []
-    _collect(fields, texts)
+    strings_into(fields, texts)
     sub: list[str] = []
-    _collect(_target(location, fields), sub)
+    strings_into(_target(location, fields), sub)
     i = _slice(texts, sub)
     ref, _ = redact_fields(_fields(location, text), redactor)
     walked = orjson.loads(orjson.dumps(ref))
-    _arguments_json(walked["messages"])
+    arguments_as_values(walked["messages"])
     red: list[str] = []
-    _collect(walked, red)
+    strings_into(walked, red)
     if len(red) != len(texts):
         raise RuntimeError("redact_fields changed the number of strings in a record")
     return texts[i : i + len(sub)], red[i : i + len(sub)], _target_text(location, ref)
@@ -254,7 +256,7 @@ def evaluate_case(case: dict, redactor: Redactor) -> dict[str, Any]:
         scan = redactor.scan(o) if found else []
         for s, e, kind in found:
             over = [f.detector for f in scan if f.start < e and s < f.end]
-            det = min(over, key=_PRIO.__getitem__) if over else _KIND_DET.get(kind, "?")
+            det = min(over, key=PRIORITY.__getitem__) if over else _KIND_DET.get(kind, "?")
             spans.append({"string": i, "start": s, "end": e, "kind": kind, "detector": det, "text": o[s:e]})
     label_occ = []
     labels = []
@@ -310,7 +312,7 @@ def aggregate(results: list[dict[str, Any]], exclude: Iterable[str] = ()) -> dic
     """Per-family and micro scores, benign counts, checks, and the ids of every miss and false positive.
     Families in `exclude` keep their own row but stay out of the micro and per-location totals."""
     exclude = frozenset(exclude)
-    cats = sorted(set(DETECTORS) | {r["category"] for r in results} - {BENIGN_GROUP}, key=lambda c: _PRIO.get(c, 99))
+    cats = sorted(set(DETECTORS) | {r["category"] for r in results} - {BENIGN_GROUP}, key=lambda c: PRIORITY.get(c, 99))
     c = {k: Counter() for k in cats}
     for r in results:
         if r["category"] in c:
@@ -362,7 +364,7 @@ def aggregate(results: list[dict[str, Any]], exclude: Iterable[str] = ()) -> dic
             cc[(r["location"], "n")] += 1
             cc[(r["location"], "caught")] += lab["caught"]
     by_family_location = {fam: {loc: f"{cc[(loc, 'caught')]}/{cc[(loc, 'n')]}" for loc in LOCATIONS if cc[(loc, "n")]}
-                          for fam, cc in sorted(cell.items(), key=lambda kv: _PRIO.get(kv[0], 99))}
+                          for fam, cc in sorted(cell.items(), key=lambda kv: PRIORITY.get(kv[0], 99))}
     ids = lambda pred: sorted(r["id"] for r in results if pred(r))  # noqa: E731
     return {
         "cases": {"total": len(results), **{k: sum(r["kind"] == k for r in results) for k in KINDS}},

@@ -84,6 +84,22 @@ def strings_into(obj: Any, out: list[str]) -> None:
                 strings_into(v, out)
 
 
+def rebuild_strings(obj: Any, it: Iterator[str]) -> Any:
+    """A copy of a JSON value with each string (dict keys included) taken from `it`, in strings_into's
+    order: what a redactor returns for `strings_into`'s list, put back in place."""
+    if isinstance(obj, str):
+        return next(it)
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            nk = next(it)
+            out[nk] = rebuild_strings(v, it)
+        return out
+    if isinstance(obj, list):
+        return [rebuild_strings(v, it) for v in obj]
+    return obj
+
+
 def scan_text(text: str, redactor: Redactor, canaries: Canaries) -> set[str]:
     """The detectors (and "canary") that fire on one string."""
     found = {f.detector for f in redactor.scan(text)}

@@ -33,7 +33,7 @@ def test_any_bytes_parse_or_raise_parse_error(raw):
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(st.dictionaries(st.sampled_from(KEYS), shaped, max_size=8))
 def test_any_record_shape_never_crashes_the_worker(rec):
-    kind, payload, info = WORKER(("traces/x.jsonl", "real", 1, json.dumps(rec).encode()))
+    kind, payload, *_ = WORKER(("traces/x.jsonl", "real", 1, json.dumps(rec).encode()))
     assert kind in ("trace", "reject")
     orjson.loads(payload)
 
@@ -46,7 +46,7 @@ def test_redacted_tool_arguments_stay_valid_json(args):
                             {"id": "c", "type": "function", "function": {"name": "f", "arguments": json.dumps(args)}}]},
                         {"role": "tool", "tool_call_id": "c", "content": "ok"},
                         {"role": "assistant", "content": "done"}]}
-    kind, payload, _ = WORKER(("traces/x.jsonl", "real", 1, json.dumps(rec).encode()))
+    kind, payload, *_ = WORKER(("traces/x.jsonl", "real", 1, json.dumps(rec).encode()))
     assert kind == "trace"
     out = orjson.loads(payload)
     json.loads(out["messages"][1]["tool_calls"][0]["function"]["arguments"])

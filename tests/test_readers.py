@@ -3,6 +3,7 @@ import json
 
 import orjson
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from conftest import SHARED
 from stages.readers import ParseError, normalize, normalize_arguments, parse_line
@@ -87,3 +88,78 @@ def test_hostile_lines_raise_with_reason(raw, reason):
     with pytest.raises(ParseError) as exc:
         normalize(parse_line(raw))
     assert exc.value.reason == reason
+
+
+_RUN_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2, 2), st.sampled_from(["", "x", "yes", "0", "approved"]),
+                        st.lists(st.just("a"), max_size=1), st.dictionaries(st.sampled_from(["status", "notes"]),
+                                                                           st.sampled_from(["x", None, 1]), max_size=2))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(["id", "created_at", "domain", "workflow", "input_redacted", "output_approved",
+                                        "redaction_status", "pii_level", "project", "harness", "instruction",
+                                        "raw_input_stored", "trainable", "human_review", "task_category", "extra_key"]),
+                       _RUN_VALUES, max_size=16),
+       st.dictionaries(st.sampled_from(["status", "review_notes", "edit_distance_estimate", "other"]),
+                       st.one_of(st.none(), st.sampled_from(["accepted", "x"]), st.integers(0, 1)), max_size=4),
+       st.booleans())
+def test_approved_runs_read_without_the_model_as_with_it(rec, review, full):
+    """The approved-run fast path (plain types, no pydantic) gives what the model path gives, error or fields."""
+    import stages.readers as rd
+
+    if full:  # a complete record with plain values, so the fast path runs (the strategy alone rarely builds one)
+        rec = {**rec, **{k: "v" for k in rd._RUN_STR}, "human_review": review}
+    rec["input_redacted"] = rec.get("input_redacted", "x")  # an approved run either way
+
+    def outcome(plain_ok: bool):
+        saved = rd._plain_run
+        rd._plain_run = saved if plain_ok else (lambda r: False)
+        try:
+            return normalize(json.loads(json.dumps(rec)))
+        except ParseError as exc:
+            return (exc.reason, exc.detail)
+        finally:
+            rd._plain_run = saved
+
+    assert outcome(True) == outcome(False)
+
+
+def _fields_reference(rec, fmt, messages, tools, used, ctx):
+    """readers._fields before its fast path: every metadata value through _str, in this order."""
+    from stages.readers import _keep_raw, _outcome, _review, _source_id, _str
+
+    workflow = _str(rec, "workflow") or _str(rec, "task_category") or "general"
+    extra = {k: v for k, v in rec.items() if k not in used}
+    extra.update(ctx.extra)
+    _keep_raw(rec, extra)
+    return {"format": fmt, "source_id": _source_id(rec), "source": _str(rec, "source") or _str(rec, "harness") or fmt,
+            "created_at": _str(rec, "created_at"), "project": _str(rec, "project") or "unknown",
+            "domain": _str(rec, "domain") or "general", "workflow": workflow,
+            "task_category": _str(rec, "task_category") or workflow, "outcome": _outcome(rec.get("outcome")),
+            "review": _review(rec), "messages": messages, "tools": tools, "extra": extra,
+            "omitted": dict(sorted(ctx.omitted.items()))}
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(["workflow", "task_category", "source", "harness", "created_at", "project",
+                                        "domain", "id", "review"]),
+                       st.one_of(st.none(), st.sampled_from(["", "x", "ops"]), st.integers(0, 2), st.lists(st.just(1),
+                                                                                                     max_size=1)),
+                       max_size=9))
+def test_metadata_fast_path_gives_the_checked_fields_and_errors(meta):
+    import stages.readers as rd
+
+    rec = {**meta, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}
+
+    def outcome():
+        try:
+            return normalize(json.loads(json.dumps(rec)))
+        except ParseError as exc:
+            return (exc.reason, exc.detail)
+
+    got = outcome()
+    saved, rd._fields = rd._fields, _fields_reference
+    try:
+        assert got == outcome()
+    finally:
+        rd._fields = saved

@@ -19,12 +19,12 @@ KEY = b"test-key-0123456789abcdef-not-for-production"
 
 def _outputs(raw_root: Path, fast: bool, hyperscan: bool = True) -> list:
     params = load_params(ROOT / "params.yaml", "redact", RedactParams)
-    R._init(params, KEY)
-    R._WORKER.fast = fast  # forced: the stage itself takes the fast path only with Hyperscan
+    worker = R.Worker(params, KEY)
+    worker.fast = fast  # forced: the stage itself takes the fast path only with Hyperscan
     if not hyperscan:
-        R._WORKER.redactor._hs = None  # the pure-Python checks
+        worker.redactor._hs = None  # the pure-Python checks
     files, _ = R.discover(raw_root)
-    return [R._work(b) for b in R.plan_work(files)]
+    return [piece for block in R.plan_work(files) for piece in R.redact_block(worker, block)]
 
 
 def _fixture_snapshot(root: Path) -> Path:
@@ -117,3 +117,26 @@ def test_prefilter_clears_plain_records_and_stops_at_what_it_cannot_see():
         rec = {"messages": [{"role": "user", "content": "Fix the failing test " + hidden}]}
         assert not r.nothing_to_find(orjson.dumps(rec)), hidden
     assert not Redactor(names=True).nothing_to_find(orjson.dumps(clean))  # names: always the full path
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(["1", "2", "5", "0", "25", "255", "256", "127", "10", "192", "168", ".", ".", "a", "_",
+                                 " ", '"', "8.8.8.8", "v1."]), max_size=24).map("".join), st.booleans())
+def test_ipv4_candidate_is_the_regex_scan(text, public_only):
+    """The prefilter's IPv4 check tries only the starts of digit runs; it must agree with finditer over the text."""
+    from stages.detectors import _PRIVATE_V4, _PUBLIC_V4
+
+    r = Redactor(ip_public_only=public_only, use_hyperscan=False)
+    want = any(not (public_only and m.group().startswith(_PRIVATE_V4)) for m in _PUBLIC_V4.finditer(text))
+    assert r._ipv4_candidate(text.encode()) == want
+
+
+@pytest.mark.parametrize("hyperscan", [True, False])
+def test_a_gcp_key_id_is_never_cleared(hyperscan):
+    """key_value redacts any plausible value under `private_key_id` (a service-account key's id), with no other
+    sign in the value: the prefilter must not clear such a record (hypothesis found `"08.8.4.4"` getting through)."""
+    r = Redactor(use_hyperscan=hyperscan)
+    for key in ("private_key_id", "Private_Key_ID", "gcp_private_key_id"):
+        data = orjson.dumps({"messages": [{"role": "user", "content": "hi"}], "extra": {key: "08.8.4.4"}})
+        assert r.key_value(key, "08.8.4.4") is not None
+        assert not r.nothing_to_find(data), key

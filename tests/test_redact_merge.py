@@ -165,14 +165,14 @@ def test_the_whole_glaive_sample_keeps_its_text_outside_the_replacements():
     """Every line of the public file: no placeholder glued to another (the garbling signature of
     unsorted, overlapping findings) and no value its structure names secret."""
     from stages.detectors import structural_secrets
-    from stages.redact import _arguments_json
+    from stages.readers import arguments_as_values
 
     w = Worker(RedactParams(workers=1), TEST_KEY)
     lines = [(i, raw) for i, raw in enumerate(GLAIVE.read_bytes().splitlines(), 1) if raw.strip()]
-    for (_, raw), (kind, payload, _) in zip(lines, w.block("traces/glaive.jsonl", "real", lines)):
+    for (_, raw), (kind, payload, *_) in zip(lines, w.block("traces/glaive.jsonl", "real", lines)):
         assert kind == "trace"
         assert not re.search(rb"<[A-Z_]+_\d+><[A-Z_]+_\d+>", payload)
         fields = normalize(parse_line(raw))
-        _arguments_json(fields["messages"])
+        arguments_as_values(fields["messages"])
         for value, _, _ in structural_secrets(fields, R):  # every value its structure names secret is gone
             assert value.encode() not in payload

@@ -1,5 +1,5 @@
 """The stage's fast path (strings taken from orjson's output, no rebuild when nothing is found) must
-give exactly what the plain walk gives: `_collect` + `Redactor.redact_many` + `_rebuild`."""
+give exactly what the plain walk gives: `strings_into` + `Redactor.redact_many` + `rebuild_strings`."""
 import copy
 
 import orjson
@@ -7,8 +7,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stages.detectors import BATCH_SEP, Placeholders, Redactor
-from stages.redact import (CleanCache, _arguments_json, _arguments_text, _collect, _decode, _literals, _rebuild,
-                           redact_fields)
+from stages.readers import arguments_as_text, arguments_as_values
+from stages.redact import CleanCache, _decode, _literals, redact_fields
+from stages.scanning import rebuild_strings, strings_into
 
 # Strings that stress the split: quotes, backslashes before quotes, control chars, non-ASCII, NUL,
 # placeholders, and secrets so that the found/rebuild path runs too.
@@ -23,12 +24,12 @@ REDACTOR = Redactor()
 
 def _reference(fields, redactor):
     """redact_fields as it was before the fast path."""
-    _arguments_json(fields["messages"])
+    arguments_as_values(fields["messages"])
     texts = []
-    _collect(fields, texts)
+    strings_into(fields, texts)
     table = Placeholders()
-    out = _rebuild(fields, iter(redactor.redact_many(texts, table)))
-    _arguments_text(out["messages"])
+    out = rebuild_strings(fields, iter(redactor.redact_many(texts, table)))
+    arguments_as_text(out["messages"])
     return out, table.counts
 
 
@@ -37,7 +38,7 @@ def _reference(fields, redactor):
 def test_literals_give_the_walk_strings(obj):
     obj = orjson.loads(orjson.dumps(obj))  # what the stage sees: orjson-made values
     texts = []
-    _collect(obj, texts)
+    strings_into(obj, texts)
     lits, hidden, lt = _literals(obj)
     assert lt == any("<" in t for t in texts)
     assert len(lits) == len(texts)
@@ -125,3 +126,14 @@ def test_block_equals_one_by_one():
     got = Worker(params, TEST_KEY).block("traces/x.jsonl", "real", lines)
     want = [Worker(params, TEST_KEY)(("traces/x.jsonl", "real", n, raw)) for n, raw in lines]
     assert got == want
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(['"', ":", ",", "{", "pass", "key", "token", "mail", "x", "_", '":"', '","value":',
+                                 '":{', "secretkey", "a" * 30]), max_size=30).map("".join))
+def test_keyed_matches_are_finditers(text):
+    """The root-directed search yields what the regex's own finditer yields, match for match."""
+    from stages.redact import _KEYED, _keyed_matches
+
+    low = text.encode()
+    assert [m.span() for m in _keyed_matches(low)] == [m.span() for m in _KEYED.finditer(low)]
