@@ -655,8 +655,10 @@ def write_adapter(staging: Path, out: Path, params: TrainParams, base: BaseManif
 
 def run(params: TrainParams, base_dir: Path, train_paths: list[str], val_paths: list[str], manifest_path: str,
         out: Path, metrics_path: str, loss_csv_path: str, timing_path: str | None = None) -> dict:
+    """The stage: setup, load base, encode, fit, write. Returns metrics/train.json's figures."""
     t0 = time.perf_counter()
     base_dir, out = Path(base_dir), Path(out)
+    staging = out.with_name(f".{out.name}.staging")  # swapped in whole: a crash leaves the old adapter intact
     dev = setup(params, base_dir)
     dataset_digest = read_model(manifest_path, DatasetManifest).digest
     train_rows, val_rows = load_rows(train_paths), load_rows(val_paths)
@@ -664,12 +666,12 @@ def run(params: TrainParams, base_dir: Path, train_paths: list[str], val_paths: 
         raise TrainError("the train split is empty")
     model, tokenizer, base = load(base_dir, params, dev)
     train_ds, val_ds, counts = encode(tokenizer, params, train_rows, val_rows)
-    f = fit(params, dev, model, tokenizer, train_ds, val_ds, out.with_name(f".{out.name}.staging"))
+    f = fit(params, dev, model, tokenizer, train_ds, val_ds, staging)
     history = loss_rows(f.trainer.state.log_history)
     metrics = train_metrics(base, dev, counts, f, history, dataset_digest)
     if not _is_main():
         return metrics
-    metrics["adapter_digest"] = write_adapter(out.with_name(f".{out.name}.staging"), out, params, base, dev, metrics)
+    metrics["adapter_digest"] = write_adapter(staging, out, params, base, dev, metrics)
     write_json(metrics_path, TrainMetrics.model_validate(metrics).model_dump(mode="json", exclude_unset=True))
     write_text(loss_csv_path, loss_csv(history))
     timing = {"total_seconds": round(time.perf_counter() - t0, 2), "train_seconds": round(f.train_seconds, 2),
