@@ -90,7 +90,8 @@ BENCH_ARGS ?=
 bench: install
 	$(BIN)/python -m bench.run --n $(BENCH_N) --work bench/work --out bench/results.json $(BENCH_ARGS)
 
-# Redaction quality on the labelled fixture (bench/redaction_cases.py): per-family precision, recall,
+# Redaction quality on the labelled fixture (tests/fixtures/redaction/: cases and family seeds, assembled by
+# bench/redaction_cases.py): per-family precision, recall,
 # F2 and the benign cases it changed; writes metrics/redaction_quality.json (see bench/redaction.py).
 bench-redaction: install
 	$(BIN)/python -m bench.redaction --cases tests/fixtures/redaction/labelled.jsonl --out metrics/redaction_quality.json

@@ -28,6 +28,8 @@ from typing import Any
 
 import orjson
 
+from stages.luhn import luhn_check_digit
+
 # shape -> (folder, file stem, share of lines)
 SHAPES: dict[str, tuple[str, str, float]] = {
     "approved_run": ("approved-runs", "runs", 0.25),
@@ -73,16 +75,6 @@ _BENIGN = (
 )
 _SYLL = ("ka lo mi ra te su na vi do re po li an el on ir us ta ne mo ba ge fi zu ch st tr pl br "
          "qu ex in de un pre pro con ment tion ing er ly al").split()
-
-
-def _luhn_digit(body: str) -> str:
-    total = 0
-    for i, ch in enumerate(reversed(body)):
-        d = int(ch)
-        if i % 2 == 0:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return str((10 - total % 10) % 10)
 
 
 def _fn(name: str, desc: str, props: dict[str, str]) -> dict:
@@ -192,7 +184,7 @@ class Corpus:
             return f"db config: password={pw}"
         if k == 5:
             body = "4" + "".join(rng.choices("0123456789", k=14))
-            num = body + _luhn_digit(body)
+            num = body + luhn_check_digit(body)
             sep = rng.choice((" ", "-", ""))
             return "card " + sep.join(num[j:j + 4] for j in range(0, 16, 4))
         if k == 6:

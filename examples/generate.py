@@ -21,8 +21,12 @@ import argparse
 import json
 import random
 import re
+import sys
 from datetime import datetime, timedelta
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # stages/luhn.py is standard library only: no install
+from stages.luhn import luhn_ok  # noqa: E402
 
 DEFAULT_SEED = 7
 
@@ -53,13 +57,7 @@ assert all(re.fullmatch(r"AKIA[A-Z0-9]{16}", k) for k in PLANTED_AWS_KEYS)
 assert all(re.fullmatch(r"ghp_[A-Za-z0-9]{36}", t) for t in PLANTED_GITHUB_TOKENS)
 
 
-def _luhn_ok(number: str) -> bool:
-    digits = [int(c) for c in number if c.isdigit()][::-1]
-    total = sum(d if i % 2 == 0 else (d * 2 - 9 if d * 2 > 9 else d * 2) for i, d in enumerate(digits))
-    return total % 10 == 0
-
-
-assert all(_luhn_ok(c) for c in PLANTED_CARDS)
+assert all(luhn_ok(c.replace(" ", "")) for c in PLANTED_CARDS)
 
 # ----------------------------------------------------------------------------- shared pools
 FIRST = ["Maria", "James", "Aisha", "Chen", "Olivia", "Diego", "Priya", "Noah", "Fatima", "Liam", "Sofia",

@@ -295,3 +295,37 @@ class DatasetManifest(_Open):
     rescan: dict[str, Any]
     split_digests: dict[str, str]
     traces_by_file: dict[str, int]
+
+
+# ---------------------------------------------------------------- leaks
+class LeakHit(_Strict):
+    """Where a detector or canary fired: never the value (the report itself must not leak)."""
+
+    file: str
+    line: int = Field(description="1-based; 0 when the place in the file is not a line (a safetensors header)")
+    detector: str
+
+
+class CanaryCounts(_Strict):
+    plain: int = Field(ge=0)
+    sha256: int = Field(ge=0)
+
+
+class LeakReport(_Strict):
+    """leaks' leak_report.json, which gate reads (`leak_scan_ok`): counts always complete, the hit list capped
+    at leaks.max_hits_listed."""
+
+    ok: bool = Field(description="no hit of a detector outside leaks.ignore_detectors")
+    hits_total: int = Field(ge=0)
+    hits_failing: int = Field(ge=0)
+    hits: list[LeakHit]
+    hits_listed: int = Field(ge=0)
+    by_detector: dict[str, int]
+    by_file: dict[str, int]
+    files_scanned: int = Field(ge=0)
+    skipped_binary: int = Field(ge=0)
+    lines_scanned: int = Field(ge=0)
+    bytes_scanned: int = Field(ge=0)
+    scanned: list[str] = Field(description="the paths given to --scan, relative to the repository")
+    canaries: CanaryCounts
+    ignored_detectors: list[str]

@@ -1,4 +1,5 @@
-"""Params of the model stages (base, train, eval, gate) and the two files eval and gate write.
+"""Params of the model stages (base, train, eval, gate) and the files they hand on: data/base/model.json,
+data/train/model.json, metrics/train.json, data/eval/predictions.jsonl, eval_results.json, gate_decision.json.
 
 Params models are extra="forbid": a typo in params.yaml is an error, never a silently ignored key.
 """
@@ -216,6 +217,76 @@ class BaseModelIdentity(_Out):
     name: str = Field(description="'embedded', a hub id or a folder name")
     revision: str | None = None
     weights_digest: str | None = Field(None, description="content id of the base weights, when known locally")
+
+
+class ChatTemplateRef(_Out):
+    name: str = Field(description="train.chat_template as resolved: 'model', 'chatml-tools', trl's, or a file name")
+    digest: str = Field(description="content id of the template's text")
+
+
+class AdapterManifest(_Out):
+    """data/train/model.json: what train fitted, for eval (which base to load, and a check that it is the same
+    weights) and for eval_results.json (the identities it carries on to gate)."""
+
+    base_model: BaseModelIdentity
+    base_kind: Literal["embedded", "preset", "folder", "gguf", "hub"]
+    adapter_dir: str = Field(description="the adapter's folder, relative to model.json's")
+    chat_template: ChatTemplateRef
+    adapter_digest: str = Field(description="content id of the adapter's weights and config")
+    dataset_digest: str | None = Field(description="the manifest's digest of the dataset it was trained on")
+    quantization: Literal["4bit", "none"]
+    max_length: int
+
+
+class TrainMetrics(_Out):
+    """metrics/train.json (`dvc metrics diff`): counts of what was trained on, the losses, the identities.
+    Deterministic: no timings (those go to --timing)."""
+
+    base_model: str
+    base_kind: Literal["embedded", "preset", "folder", "gguf", "hub"]
+    chat_template: str
+    chat_template_digest: str
+    template_rows_compared: int | None = Field(None, description="only with the built-in template: rows where it "
+                                               "was checked against the base's own")
+    unrendered_tool_call_rows_dropped: int
+    device: Literal["cuda", "cpu"]
+    precision: Literal["fp32", "bf16", "fp16"]
+    quantization: Literal["4bit", "none"]
+    train_examples: int
+    val_examples: int
+    dropped_too_long: int
+    truncated: int
+    truncated_to_empty: int
+    zero_trainable: int
+    train_tokens: int
+    train_trainable_tokens: int
+    steps: int
+    epochs: float
+    train_loss: float
+    final_step_loss: float | None
+    val_loss: float | None
+    best_val_loss: float | None
+    base_val_loss: float | None = Field(description="the base's val loss before any update (step 0)")
+    trainable_params: int
+    base_params: int
+    dataset_digest: str | None
+    adapter_digest: str
+
+
+class Prediction(_Out):
+    """data/eval/predictions.jsonl: one model's answer to one held-out case; `eval --rescore` recomputes
+    eval_results.json from these rows alone."""
+
+    key: str = Field(description="<split>:<eval case id or row id>, unique")
+    id: str
+    split: Literal["val", "eval"]
+    workflow: str
+    model: Literal["baseline", "adapter"]
+    prompt_digest: str
+    prediction: str
+    reference: str
+    expected_behavior: list[str]
+    forbidden_behavior: list[str]
 
 
 class EvalResults(_Out):

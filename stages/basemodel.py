@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 from schemas.training import BaseManifest, EmbeddedBaseParams
 from stages.chat import render_tool_call
-from stages.core import content_id, read_json
+from stages.core import content_id, read_model
 
 SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"]
 PAD, EOS = "<|pad|>", "<|end|>"
@@ -70,7 +70,7 @@ def check_base(base_dir: Path) -> BaseManifest:
     """The base stage's model.json, after checking every file it lists against its bytes (train and eval call
     this: a base edited outside DVC is an error, not a silently different baseline)."""
     base_dir = Path(base_dir)
-    man = BaseManifest.model_validate(read_json(base_dir / "model.json"))
+    man = read_model(base_dir / "model.json", BaseManifest)
     for name, digest in sorted(man.files.items()):
         path = base_dir / name
         if not path.is_file() or file_digest(path) != digest:

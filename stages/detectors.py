@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from stages import families, names
+from stages.luhn import luhn_ok
 
 __all__ = ["BATCH_SEP", "DETECTORS", "PLACEHOLDER_RE", "Finding", "Placeholders", "Redactor", "merge_findings",
            "prefilter_database", "rule_sets", "structural_secrets"]
@@ -433,16 +434,6 @@ def _entropy(s: str) -> float:
 # --------------------------------------------------------------------------- validators
 
 
-def _luhn(digits: str) -> bool:
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ord(ch) - 48
-        if i & 1:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
-
-
 def _card_brand_ok(d: str) -> bool:
     """Known issuer prefix and length: cuts Luhn's 1-in-10 hit rate on ids and timestamps."""
     n, p2, p3, p4 = len(d), int(d[:2]), int(d[:3]), int(d[:4])
@@ -470,7 +461,7 @@ def _card_ok(s: str) -> bool:
         ):
             return False
     d = s.replace(" ", "").replace("-", "")
-    return _card_brand_ok(d) and _luhn(d)
+    return _card_brand_ok(d) and luhn_ok(d)
 
 
 def _iban_end(text: str, start: int, cand: str) -> int:

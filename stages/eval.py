@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from schemas.training import EvalParams, EvalResults
+from schemas.training import AdapterManifest, EvalParams, EvalResults, Prediction
 from stages import metrics as M
 from stages.chat import parse_tools, reference_text
-from stages.core import content_id, load_params, read_json, read_jsonl, write_json, write_jsonl, write_text
+from stages.core import (content_id, load_params, read_jsonl, read_model, read_models, write_json, write_jsonl,
+                         write_text)
 
 MODELS = ("baseline", "adapter")
 
@@ -71,19 +71,19 @@ def load_models(model_dir: Path, base_dir: Path):
 
     from stages.basemodel import check_base
 
-    info = read_json(model_dir / "model.json")
+    info = read_model(model_dir / "model.json", AdapterManifest)
     cuda = torch.cuda.is_available()
     base = check_base(base_dir)
-    if base.weights_digest != info["base_model"].get("weights_digest"):
+    if base.weights_digest != info.base_model.weights_digest:
         raise SystemExit(f"{base_dir.name}: base weights {base.weights_digest} are not the ones the adapter was "
-                         f"trained on ({info['base_model'].get('weights_digest')}); rerun train")
+                         f"trained on ({info.base_model.weights_digest}); rerun train")
     source = str(base_dir)
     kwargs: dict[str, Any] = {"local_files_only": True}
     kwargs.update(use_safetensors=True, trust_remote_code=False)
     if cuda:
         bf16 = torch.cuda.is_bf16_supported()
         kwargs["dtype"] = torch.bfloat16 if bf16 else torch.float16
-        if info.get("quantization") == "4bit":
+        if info.quantization == "4bit":
             from transformers import BitsAndBytesConfig
 
             kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -93,11 +93,11 @@ def load_models(model_dir: Path, base_dir: Path):
     else:
         kwargs["dtype"] = torch.float32
     base = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir / info["adapter_dir"]))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir / info.adapter_dir))
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = PeftModel.from_pretrained(base, str(model_dir / info["adapter_dir"]))
+    model = PeftModel.from_pretrained(base, str(model_dir / info.adapter_dir))
     model.eval()
     return model, tokenizer, info
 
@@ -178,13 +178,13 @@ def score_predictions(rows: Sequence[dict], params: EvalParams) -> tuple[dict, d
     return overall, per_wf
 
 
-def build_results(rows: Sequence[dict], params: EvalParams, info: dict, truncated: int) -> EvalResults:
+def build_results(rows: Sequence[dict], params: EvalParams, info: AdapterManifest, truncated: int) -> EvalResults:
     overall, per_wf = score_predictions(rows, params)
     return EvalResults(
         n=overall["n"], baseline=overall["baseline"], finetuned=overall["finetuned"], delta=overall["delta"],
         counts=overall["counts"], ci=overall["ci"], mcnemar_exact_match=overall["mcnemar_exact_match"],
-        per_workflow=per_wf, base_model=info["base_model"], adapter_digest=info["adapter_digest"],
-        dataset_digest=info.get("dataset_digest"), predictions_digest=content_id(list(rows)),
+        per_workflow=per_wf, base_model=info.base_model, adapter_digest=info.adapter_digest,
+        dataset_digest=info.dataset_digest, predictions_digest=content_id(list(rows)),
         truncated_prompts=truncated, params=params,
     )
 
@@ -203,56 +203,68 @@ def workflow_csv(results: EvalResults) -> str:
     return buf.getvalue()
 
 
+def predict(params: EvalParams, base_dir: Path, model_dir: Path, val_path: str, eval_path: str) -> tuple[list[dict], int]:
+    """Both models' greedy answers to every held-out case: (prediction rows, prompts truncated)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(params.seed)
+    if params.cpu_threads and not torch.cuda.is_available():
+        torch.set_num_threads(params.cpu_threads)
+    cases = load_cases(val_path, eval_path, params.include_val, params.max_examples)
+    if not cases:
+        raise SystemExit("eval: no held-out cases")
+    model, tokenizer, _ = load_models(model_dir, base_dir)
+    prompts = [(c["prompt"], c["tools"]) for c in cases]
+    preds = {}
+    with model.disable_adapter():
+        preds["baseline"], truncated = generate(model, tokenizer, prompts, params.batch_size,
+                                                params.max_new_tokens, params.max_prompt_tokens, "baseline")
+    preds["adapter"], _ = generate(model, tokenizer, prompts, params.batch_size, params.max_new_tokens,
+                                   params.max_prompt_tokens, "adapter")
+    return prediction_rows(cases, preds), truncated
+
+
+def stored_predictions(out: Path) -> tuple[list[dict], int]:
+    """--rescore: the prediction rows of an earlier run, and its truncated-prompt count."""
+    rows = [r.model_dump(mode="json") for r in read_models(out / "predictions.jsonl", Prediction)]
+    prev = out / "eval_results.json"
+    return rows, read_model(prev, EvalResults).truncated_prompts if prev.exists() else 0
+
+
+def run(params: EvalParams, base_dir: Path, model_dir: Path, val_path: str, eval_path: str, out: Path,
+        csv_path: str, rescore: bool = False) -> EvalResults:
+    """The stage: predict (or reuse the stored predictions), score, write results and the per-workflow CSV."""
+    info = read_model(model_dir / "model.json", AdapterManifest)
+    if rescore:
+        rows, truncated = stored_predictions(out)
+    else:
+        rows, truncated = predict(params, base_dir, model_dir, val_path, eval_path)
+        write_jsonl(out / "predictions.jsonl", (Prediction.model_validate(r).model_dump(mode="json") for r in rows))
+    results = build_results(rows, params, info, truncated)
+    write_json(out / "eval_results.json", results.model_dump(mode="json", by_alias=True))
+    write_text(csv_path, workflow_csv(results))
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m stages.eval", description=__doc__.split("\n")[0])
-    ap.add_argument("--params", required=True)
+    for name in ("params", "val", "eval", "per-workflow-csv"):
+        ap.add_argument(f"--{name}", required=True)
     ap.add_argument("--base", required=True, help="the base stage's folder (model.json, safetensors, tokenizer)")
     ap.add_argument("--model-dir", required=True, help="train's output folder (model.json, adapter/)")
-    ap.add_argument("--val", required=True)
-    ap.add_argument("--eval", required=True)
     ap.add_argument("--out", required=True, help="folder for predictions.jsonl and eval_results.json")
-    ap.add_argument("--per-workflow-csv", required=True)
     ap.add_argument("--rescore", action="store_true", help="recompute results from --out/predictions.jsonl, no model")
     a = ap.parse_args(argv)
     params = load_params(a.params, "eval", EvalParams)
-    out = Path(a.out)
-    model_dir = Path(a.model_dir)
-    info = read_json(model_dir / "model.json")
-    truncated = 0
-    if a.rescore:
-        rows = list(read_jsonl(out / "predictions.jsonl"))
-        prev = out / "eval_results.json"
-        truncated = read_json(prev).get("truncated_prompts", 0) if prev.exists() else 0
-    else:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        import torch
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        torch.manual_seed(params.seed)
-        if params.cpu_threads and not torch.cuda.is_available():
-            torch.set_num_threads(params.cpu_threads)
-        cases = load_cases(a.val, a.eval, params.include_val, params.max_examples)
-        if not cases:
-            raise SystemExit("eval: no held-out cases")
-        model, tokenizer, info = load_models(model_dir, Path(a.base))
-        prompts = [(c["prompt"], c["tools"]) for c in cases]
-        preds = {}
-        with model.disable_adapter():
-            preds["baseline"], truncated = generate(model, tokenizer, prompts, params.batch_size,
-                                                    params.max_new_tokens, params.max_prompt_tokens, "baseline")
-        preds["adapter"], _ = generate(model, tokenizer, prompts, params.batch_size, params.max_new_tokens,
-                                       params.max_prompt_tokens, "adapter")
-        rows = prediction_rows(cases, preds)
-        write_jsonl(out / "predictions.jsonl", rows)
-    results = build_results(rows, params, info, truncated)
-    write_json(out / "eval_results.json", results.model_dump(mode="json", by_alias=True))
-    write_text(a.per_workflow_csv, workflow_csv(results))
-    ci = results.ci.get("exact_match")
-    print(f"eval: {results.n} held-out cases, exact match baseline {results.baseline.exact_match:.3f} -> adapter "
-          f"{results.finetuned.exact_match:.3f} (delta {results.delta['exact_match']:+.3f}, {params.confidence:.0%} CI "
-          f"[{ci.low:+.3f}, {ci.high:+.3f}], McNemar p={results.mcnemar_exact_match.p_value:.2g}) -> {out}")
+    r = run(params, Path(a.base), Path(a.model_dir), a.val, a.eval, Path(a.out), a.per_workflow_csv, a.rescore)
+    ci = r.ci.get("exact_match")
+    print(f"eval: {r.n} held-out cases, exact match baseline {r.baseline.exact_match:.3f} -> adapter "
+          f"{r.finetuned.exact_match:.3f} (delta {r.delta['exact_match']:+.3f}, {params.confidence:.0%} CI "
+          f"[{ci.low:+.3f}, {ci.high:+.3f}], McNemar p={r.mcnemar_exact_match.p_value:.2g}) -> {a.out}")
 
 
 if __name__ == "__main__":

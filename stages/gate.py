@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from schemas.params import RedactParams
-from schemas.records import DatasetManifest
+from schemas.records import DatasetManifest, LeakReport
 from schemas.training import EvalResults, GateDecision, GateParams
-from stages.core import content_id, load_params, read_json, read_model, write_json, write_text
+from stages.core import content_id, load_params, read_model, write_json, write_text
 from stages.scanning import canaries_from, redactor_from, scan_text, strings
 
 EPS = 1e-9
@@ -110,9 +110,10 @@ def _where(hits: list[dict], limit: int = 5) -> str:
     return shown + (f" and {len(hits) - limit} more" if len(hits) > limit else "")
 
 
-def _leak_check(leaks: dict | None, self_hits: list[dict], required: bool) -> dict:
+def _leak_check(report: LeakReport | dict | None, self_hits: list[dict], required: bool) -> dict:
     """Any detector or canary hit in an artifact, or in the gate's own report, blocks; the reason names
-    where (file, line, detector), never what."""
+    where (file, line, detector), never what. (A plain dict is a partial report, as tests pass.)"""
+    leaks = report.model_dump() if isinstance(report, LeakReport) else report
     if leaks is None:
         return _detail(None, 0, not required, "no leak report" + ("" if required else " (not required)"))
     ignored = set(leaks.get("ignored_detectors") or [])
@@ -137,7 +138,7 @@ def _manifest_flags(manifest: DatasetManifest | dict) -> tuple[dict, str | None]
 
 def decide(eval_results: EvalResults | dict, manifest: DatasetManifest | dict, params: GateParams, *, run_dir: str = "",
            manifest_path: str = "", eval_path: str = "", input_digests: dict[str, str] | None = None,
-           leaks: dict | None = None, self_hits: list[dict] | None = None) -> GateDecision:
+           leaks: LeakReport | dict | None = None, self_hits: list[dict] | None = None) -> GateDecision:
     """The gate decision; pure (the paths and digests are only recorded)."""
     res = eval_results if isinstance(eval_results, EvalResults) else EvalResults.model_validate(eval_results)
     build, digest = _manifest_flags(manifest)
@@ -282,7 +283,7 @@ BLOCKED = 3  # exit status of --print-decision / --fail-on-reject when the adapt
 
 def print_decision(path: str) -> int:
     """Print a stored decision; 0 when it promotes, 3 when it blocks (for `make gate` and CI)."""
-    d = GateDecision.model_validate(read_json(path))
+    d = read_model(path, GateDecision)
     print(f"{'PROMOTE' if d.promote else 'BLOCK'}: adapter {d.adapter_digest} on base {d.base_model.name} "
           f"({d.timestamp_utc})")
     for name, detail in d.check_details.items():
@@ -293,7 +294,7 @@ def print_decision(path: str) -> int:
 def run(a: argparse.Namespace) -> GateDecision:
     """The stage: decide, scan its own outputs (withholding any flagged text), write both."""
     params = load_params(a.params, "gate", GateParams)
-    res = EvalResults.model_validate(read_json(a.eval_results))
+    res = read_model(a.eval_results, EvalResults)
     manifest = read_model(a.manifest, DatasetManifest)
     rp = load_params(a.params, "redact", RedactParams)
     redactor, canaries = redactor_from(rp), canaries_from(rp)
@@ -306,7 +307,7 @@ def run(a: argparse.Namespace) -> GateDecision:
                "leak_report": content_id(Path(a.leaks).read_bytes()),
                "dataset": str(manifest.digest), "predictions": res.predictions_digest}
     kw = dict(run_dir=_rel(str(Path(a.out).parent)), manifest_path=_rel(a.manifest), eval_path=_rel(a.eval_results),
-              input_digests=digests, leaks=read_json(a.leaks))
+              input_digests=digests, leaks=read_model(a.leaks, LeakReport))
     decision = decide(res, manifest, params, **kw)
     hits, _, _ = self_scan(decision.model_dump(mode="json", by_alias=True), report(decision, res), hit, _rel(a.out))
     if hits:  # decide again so that the block and its reason are in the outputs, then withhold the flagged text

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Iterator
 import orjson
 
 from schemas.params import LeaksParams, RedactParams
+from schemas.records import LeakReport
 from stages.core import load_params, write_json
 from stages.detectors import DETECTORS, Redactor, structural_secrets
 from stages.executor import Executor, worker_count
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     rep = report(scan, params, canaries, [(p.resolve().relative_to(Path.cwd().resolve())
                                            if p.resolve().is_relative_to(Path.cwd().resolve()) else p).as_posix()
                                           for p in a.scan])
-    write_json(a.out / "leak_report.json", rep)
+    write_json(a.out / "leak_report.json", LeakReport.model_validate(rep).model_dump(mode="json"))
     dets = ", ".join(f"{d} {n}" for d, n in rep["by_detector"].items()) or "none"
     print(f"leaks: {rep['files_scanned']} files, {rep['lines_scanned']} lines scanned; {rep['hits_total']} hits "
           f"({dets}) -> {'ok' if rep['ok'] else 'BLOCK'}; {a.out}/leak_report.json")

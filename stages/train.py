@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import json
 import os
 import shutil
 import sys
@@ -42,11 +41,13 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
-from schemas.training import BaseManifest, TrainParams
+from schemas.records import DatasetManifest
+from schemas.training import (AdapterManifest, BaseManifest, BaseModelIdentity, ChatTemplateRef, TrainMetrics,
+                              TrainParams)
 from stages import templates
 from stages.basemodel import check_base
 from stages.chat import normalize_tool_calls, parse_tools
-from stages.core import content_id, load_params, read_json, read_jsonl, write_json, write_text
+from stages.core import content_id, load_params, read_json, read_jsonl, read_model, write_json, write_text
 
 ROLES = {"system", "user", "assistant", "tool"}
 
@@ -488,35 +489,34 @@ def _replace_dir(staging: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-# ---- main --------------------------------------------------------------------------------------------------------
+# ---- the stage: setup, load base, encode, fit, write (as trl's scripts/sft.py main() reads) -----------------------
 
 
-def run(params: TrainParams, base_dir: Path, train_paths: list[str], val_paths: list[str], manifest_path: str,
-        out: Path, metrics_path: str, loss_csv_path: str, timing_path: str | None = None) -> dict:
-    t0 = time.perf_counter()
+@dataclasses.dataclass(frozen=True)
+class Device:
+    """Where and how the LoRA is fitted, decided once from the machine and train.quantization."""
+
+    cuda: bool
+    bf16: bool
+    quant: str
+    precision: str
+    embedded: bool
+
+
+def setup(params: TrainParams, base_dir: Path) -> Device:
+    """Check params, quiet the libraries, pick device and quantization, make CPU runs deterministic."""
     check_extra_training_args(params.extra_training_args)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the base is a local folder (the base stage's)
-    base_dir = Path(base_dir)
-    base_kind = BaseManifest.model_validate(read_json(base_dir / "model.json")).kind
-
+    embedded = read_model(base_dir / "model.json", BaseManifest).kind == "embedded"
     import datasets
     import torch
     import transformers
-    from accelerate import PartialState
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     # peft/trl still call the deprecated model.is_gradient_checkpointing; nothing for the user to act on
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-
-    manifest = read_json(manifest_path)
-    dataset_digest = manifest.get("digest")
-    train_rows = load_rows(train_paths)
-    val_rows = load_rows(val_paths)
-    if not train_rows:
-        raise TrainError("the train split is empty")
-
     cuda = torch.cuda.is_available()
     bf16 = bool(cuda and torch.cuda.is_bf16_supported())
     try:
@@ -525,9 +525,8 @@ def run(params: TrainParams, base_dir: Path, train_paths: list[str], val_paths: 
         bnb = True
     except Exception:
         bnb = False
-    embedded = base_kind == "embedded"
-    quant = resolve_quantization(params.quantization, embedded, cuda, bnb)
-    precision = "fp32" if not cuda else ("bf16" if bf16 else "fp16")
+    dev = Device(cuda, bf16, resolve_quantization(params.quantization, embedded, cuda, bnb),
+                 "fp32" if not cuda else ("bf16" if bf16 else "fp16"), embedded)
     if not cuda:
         if params.cpu_threads:
             torch.set_num_threads(params.cpu_threads)
@@ -537,20 +536,27 @@ def run(params: TrainParams, base_dir: Path, train_paths: list[str], val_paths: 
         torch.utils.deterministic.fill_uninitialized_memory = False
         log(f"no CUDA GPU: plain LoRA in fp32 on the CPU, {torch.get_num_threads()} thread(s) (no 4-bit "
             "quantization; slow for anything but small models)")
-    elif quant == "4bit":
-        log(f"CUDA: QLoRA, base in 4-bit NF4 (bitsandbytes), {precision} compute")
+    elif dev.quant == "4bit":
+        log(f"CUDA: QLoRA, base in 4-bit NF4 (bitsandbytes), {dev.precision} compute")
     else:
-        log(f"CUDA: LoRA with {precision} mixed precision, base not quantized"
+        log(f"CUDA: LoRA with {dev.precision} mixed precision, base not quantized"
             + ("" if bnb or embedded else " (bitsandbytes is not installed)"))
+    return dev
 
-    model, tokenizer, base = load_base(base_dir, quant, cuda, bf16, params.gradient_checkpointing)
-    identity: dict[str, Any] = {"name": base.name, "revision": base.revision, "weights_digest": base.weights_digest}
+
+def load(base_dir: Path, params: TrainParams, dev: Device):
+    """(model, tokenizer, BaseManifest), with train.max_length checked against the base's context."""
+    model, tokenizer, base = load_base(base_dir, dev.quant, dev.cuda, dev.bf16, params.gradient_checkpointing)
     context = getattr(model.config, "max_position_embeddings", None)
     if context and params.max_length > context:
         raise TrainError(f"train.max_length={params.max_length} exceeds the base's context of {context} tokens"
-                         + (" (base.max_length)" if embedded else ""))
-    train_rows, val_rows, template_info = apply_template(tokenizer, params, train_rows, val_rows)
+                         + (" (base.max_length)" if dev.embedded else ""))
+    return model, tokenizer, base
 
+
+def encode(tokenizer, params: TrainParams, train_rows: list[dict], val_rows: list[dict]):
+    """Template, then tokens: (train examples, val examples, counts for metrics). Every drop is counted."""
+    train_rows, val_rows, info = apply_template(tokenizer, params, train_rows, val_rows)
     train_ds, train_stats = encode_examples(tokenizer, train_rows, params.max_length, params.length_policy,
                                             params.train_on_prompt)
     val_ds, val_stats = encode_examples(tokenizer, val_rows, params.max_length, params.length_policy,
@@ -559,19 +565,39 @@ def run(params: TrainParams, base_dir: Path, train_paths: list[str], val_paths: 
     if val_rows:
         require_trainable(val_stats, "val", params.train_on_prompt)
     log(f"encoded: train {train_stats}, val {val_stats}")
+    counts = {**info, "train_examples": train_stats["kept"], "val_examples": val_stats["kept"],
+              **{k: train_stats[k] + val_stats[k] for k in ("dropped_too_long", "truncated", "truncated_to_empty",
+                                                              "zero_trainable")},
+              "train_tokens": train_stats["tokens"], "train_trainable_tokens": train_stats["trainable_tokens"]}
+    return train_ds, val_ds, counts
 
-    out = Path(out)
-    staging = out.with_name(f".{out.name}.staging")
+
+@dataclasses.dataclass(frozen=True)
+class Fit:
+    trainer: Any
+    training_loss: float
+    val_loss: float | None
+    train_seconds: float  # optimizer steps only
+    val_seconds: float
+    base_params: int
+    trainable_params: int
+
+
+def fit(params: TrainParams, dev: Device, model, tokenizer, train_ds: list[dict], val_ds: list[dict],
+        staging: Path) -> Fit:
+    """The LoRA on the base, its val loss at the end; the adapter saved to staging/adapter (every rank)."""
+    from accelerate import PartialState
+
     if _is_main():
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     PartialState().wait_for_everyone()
     total_params = sum(p.numel() for p in model.parameters())
-    trainer = build_trainer(params, model, tokenizer, train_ds, val_ds, str(staging / "checkpoints"), cuda, bf16)
+    trainer = build_trainer(params, model, tokenizer, train_ds, val_ds, str(staging / "checkpoints"), dev.cuda,
+                            dev.bf16)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     log(f"LoRA r={params.lora.r} alpha={params.lora.alpha} on {params.lora.target_modules}: "
         f"{trainable} trainable of {total_params} base parameters")
-
     val_seconds = _time_evaluations(trainer)
     tt = time.perf_counter()
     result = trainer.train()
@@ -583,59 +609,74 @@ def run(params: TrainParams, base_dir: Path, train_paths: list[str], val_paths: 
         last = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e
                 and e.get("step") == trainer.state.global_step and not params.early_stopping_patience]
         val_loss = round(float(last[-1] if last else trainer.evaluate()["eval_loss"]), 6)
-
     trainer.save_model(str(staging / "adapter"))  # every rank: gathers sharded weights where needed
-    history = loss_rows(trainer.state.log_history)
-    metrics = {
-        "base_model": base.name,
-        "base_kind": base.kind,
-        **template_info,
-        "device": "cuda" if cuda else "cpu",
-        "precision": precision,
-        "quantization": quant,
-        "train_examples": train_stats["kept"],
-        "val_examples": val_stats["kept"],
-        "dropped_too_long": train_stats["dropped_too_long"] + val_stats["dropped_too_long"],
-        "truncated": train_stats["truncated"] + val_stats["truncated"],
-        "truncated_to_empty": train_stats["truncated_to_empty"] + val_stats["truncated_to_empty"],
-        "zero_trainable": train_stats["zero_trainable"] + val_stats["zero_trainable"],
-        "train_tokens": train_stats["tokens"],
-        "train_trainable_tokens": train_stats["trainable_tokens"],
-        "steps": int(trainer.state.global_step),
-        "epochs": round(float(trainer.state.epoch or 0.0), 4),
-        "train_loss": round(float(result.training_loss), 6),
+    return Fit(trainer, float(result.training_loss), val_loss, train_seconds, val_seconds[0], int(total_params),
+               int(trainable))
+
+
+def train_metrics(base: BaseManifest, dev: Device, counts: dict, f: Fit, history: list[dict],
+                  dataset_digest: str | None) -> dict:
+    """metrics/train.json's figures (schemas.training.TrainMetrics), but the adapter digest."""
+    return {
+        "base_model": base.name, "base_kind": base.kind, **counts,
+        "device": "cuda" if dev.cuda else "cpu", "precision": dev.precision, "quantization": dev.quant,
+        "steps": int(f.trainer.state.global_step),
+        "epochs": round(float(f.trainer.state.epoch or 0.0), 4),
+        "train_loss": round(f.training_loss, 6),
         "final_step_loss": next((r["loss"] for r in reversed(history) if r["loss"] != ""), None),
-        "val_loss": val_loss,
+        "val_loss": f.val_loss,
         "best_val_loss": min((r["val_loss"] for r in history if r["val_loss"] != ""), default=None),
         "base_val_loss": next((r["val_loss"] for r in history if r["step"] == 0 and r["val_loss"] != ""), None),
-        "trainable_params": int(trainable),
-        "base_params": int(total_params),
-        "dataset_digest": dataset_digest,
+        "trainable_params": f.trainable_params, "base_params": f.base_params, "dataset_digest": dataset_digest,
     }
-    if not _is_main():
-        return metrics
 
+
+def write_adapter(staging: Path, out: Path, params: TrainParams, base: BaseManifest, dev: Device,
+                  metrics: dict) -> str:
+    """The adapter folder (weights, deterministic config, model card) and model.json (AdapterManifest),
+    swapped into `out` whole. Returns the adapter's digest."""
+    identity = BaseModelIdentity(name=base.name, revision=base.revision, weights_digest=base.weights_digest)
     shutil.rmtree(staging / "checkpoints", ignore_errors=True)
     (staging / "adapter" / "training_args.bin").unlink(missing_ok=True)
     _fix_adapter_config(staging / "adapter" / "adapter_config.json", base.name)
-    write_text(staging / "adapter" / "README.md", model_card(identity, dataset_digest, params, metrics))
+    write_text(staging / "adapter" / "README.md",
+               model_card(identity.model_dump(), metrics["dataset_digest"], params, metrics))
     adapter_digest = content_id(
         {"weights": content_id((staging / "adapter" / "adapter_model.safetensors").read_bytes()),
          "config": content_id((staging / "adapter" / "adapter_config.json").read_bytes())})
-    write_json(staging / "model.json", {
-        "base_model": identity, "base_kind": base.kind, "adapter_dir": "adapter",
-        "chat_template": {"name": template_info["chat_template"], "digest": template_info["chat_template_digest"]},
-        "adapter_digest": adapter_digest, "dataset_digest": dataset_digest, "quantization": quant,
-        "max_length": params.max_length,
-    })
+    write_json(staging / "model.json", AdapterManifest(
+        base_model=identity, base_kind=base.kind, adapter_dir="adapter",
+        chat_template=ChatTemplateRef(name=metrics["chat_template"], digest=metrics["chat_template_digest"]),
+        adapter_digest=adapter_digest, dataset_digest=metrics["dataset_digest"], quantization=dev.quant,
+        max_length=params.max_length).model_dump(mode="json"))
     _replace_dir(staging, out)
-    metrics["adapter_digest"] = adapter_digest
-    write_json(metrics_path, metrics)
+    return adapter_digest
+
+
+def run(params: TrainParams, base_dir: Path, train_paths: list[str], val_paths: list[str], manifest_path: str,
+        out: Path, metrics_path: str, loss_csv_path: str, timing_path: str | None = None) -> dict:
+    """The stage: setup, load base, encode, fit, write. Returns metrics/train.json's figures."""
+    t0 = time.perf_counter()
+    base_dir, out = Path(base_dir), Path(out)
+    staging = out.with_name(f".{out.name}.staging")  # swapped in whole: a crash leaves the old adapter intact
+    dev = setup(params, base_dir)
+    dataset_digest = read_model(manifest_path, DatasetManifest).digest
+    train_rows, val_rows = load_rows(train_paths), load_rows(val_paths)
+    if not train_rows:
+        raise TrainError("the train split is empty")
+    model, tokenizer, base = load(base_dir, params, dev)
+    train_ds, val_ds, counts = encode(tokenizer, params, train_rows, val_rows)
+    f = fit(params, dev, model, tokenizer, train_ds, val_ds, staging)
+    history = loss_rows(f.trainer.state.log_history)
+    metrics = train_metrics(base, dev, counts, f, history, dataset_digest)
+    if not _is_main():
+        return metrics
+    metrics["adapter_digest"] = write_adapter(staging, out, params, base, dev, metrics)
+    write_json(metrics_path, TrainMetrics.model_validate(metrics).model_dump(mode="json", exclude_unset=True))
     write_text(loss_csv_path, loss_csv(history))
-    seconds = time.perf_counter() - t0
-    timing = {"total_seconds": round(seconds, 2), "train_seconds": round(train_seconds, 2),
-              "val_seconds": round(val_seconds[0], 2),
-              "train_tokens_per_second": round(train_stats["tokens"] * max(metrics["epochs"], 1e-9) / train_seconds, 1)}
+    timing = {"total_seconds": round(time.perf_counter() - t0, 2), "train_seconds": round(f.train_seconds, 2),
+              "val_seconds": round(f.val_seconds, 2), "train_tokens_per_second":
+              round(counts["train_tokens"] * max(metrics["epochs"], 1e-9) / f.train_seconds, 1)}
     log(f"timing (not in DVC metrics): {timing}")
     if timing_path:
         write_json(timing_path, timing)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -45,3 +47,93 @@ def small_model_half(params_path: Path) -> None:
     params["base"]["embedded"].update(pretrain_epochs=1)
     params["eval"].update(max_examples=8, bootstrap_samples=100)
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+# ---- the model half on a tiny task: shared by test_train (behaviour) and test_handoffs (the files' models) ----
+MODEL_PARAMS = """\
+base:
+  seed: 3
+  max_length: 128
+  cpu_threads: 1
+  embedded: {vocab_size: 400, hidden_size: 64, intermediate_size: 192, pretrain_epochs: 30, pretrain_lr: 0.01}
+train:
+  seed: 3
+  cpu_threads: 1
+  learning_rate: 0.01
+  num_epochs: 12
+  batch_size: 16
+  eval_steps: 12
+  max_length: 128
+  lora: {r: 8, alpha: 16}
+redact: {}
+leaks: {workers: 1}
+eval:
+  batch_size: 16
+  bootstrap_samples: 300
+gate:
+  min_eval_examples: 20
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Splits of a tiny intent task (tests/model_fixture.py) and params that train on them in seconds."""
+    from model_fixture import write_splits
+
+    folder = tmp_path_factory.mktemp("tiny")
+    paths = write_splits(folder / "data", 64, 16, 24, seed=1, kinds=["intent"])
+    (folder / "params.yaml").write_text(MODEL_PARAMS)
+    return folder, paths
+
+
+def _base_argv(folder: Path, paths: dict, run: str) -> list[str]:
+    return ["--params", str(folder / "params.yaml"), "--train", str(paths["train"]), "--out", f"{run}/data/base"]
+
+
+def _train_argv(folder: Path, paths: dict, run: str) -> list[str]:
+    return ["--params", str(folder / "params.yaml"), "--base", f"{run}/data/base", "--train", str(paths["train"]),
+            "--val", str(paths["val"]),
+            "--manifest", str(paths["manifest"]), "--out", f"{run}/data/train", "--metrics",
+            f"{run}/metrics/train.json", "--loss-csv", f"{run}/metrics/train_loss.csv"]
+
+
+@pytest.fixture(scope="session")
+def two_runs(tiny):
+    """base and train twice: in this process, and in a subprocess with another hash seed (tests/test_train.py
+    compares the two byte for byte, so nothing else writes into either run folder)."""
+    folder, paths = tiny
+    cwd = os.getcwd()
+    from stages import base as B
+    from stages import train as T
+
+    os.chdir(folder)
+    try:
+        B.main(_base_argv(folder, paths, "run_a"))
+        T.main(_train_argv(folder, paths, "run_a") + ["--timing", "timing_a.json"])  # outside run_a: not compared
+    finally:
+        os.chdir(cwd)
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(ROOT)}
+    for stage, argv in (("base", _base_argv), ("train", _train_argv)):
+        subprocess.run([sys.executable, "-m", f"stages.{stage}", *argv(folder, paths, "run_b")], cwd=folder,
+                       env=env, check=True, capture_output=True)
+    return folder / "run_a", folder / "run_b"
+
+
+@pytest.fixture(scope="session")
+def model_half(two_runs, tiny) -> dict[str, Path]:
+    """eval, leaks and gate of the first run's adapter, written beside the runs (under e2e/)."""
+    from stages import eval as E
+    from stages import gate as G
+    from stages import leaks as L
+
+    run, _ = two_runs
+    folder, paths = tiny
+    params, e2e = str(folder / "params.yaml"), folder / "e2e"
+    E.main(["--params", params, "--base", str(run / "data/base"), "--model-dir", str(run / "data/train"),
+            "--val", str(paths["val"]), "--eval", str(paths["eval"]), "--out", str(e2e / "data/eval"),
+            "--per-workflow-csv", str(e2e / "metrics/wf.csv")])
+    L.main(["--params", params, "--out", str(e2e / "data/leaks"), "--scan", str(run / "data"), str(e2e / "data/eval"),
+            str(paths["manifest"])])
+    G.main(["--params", params, "--eval-results", str(e2e / "data/eval/eval_results.json"), "--manifest",
+            str(paths["manifest"]), "--leaks", str(e2e / "data/leaks/leak_report.json"), "--out", str(e2e / "data/gate")])
+    return {"run": run, "e2e": e2e}

@@ -61,19 +61,16 @@ def _oversize(max_lines: int = 79, max_main: int = 24) -> set[str]:
     return out
 
 
-# Units of modules other work owns at the time of writing; the lead splits them after merging it.
-KNOWN_OVERSIZE = {"train.run", "eval.main"}
-
-
-def test_functions_fit_on_a_screen_and_mains_are_thin():
-    """< 80 lines a function, < 25 a main(), except the known ones (which may only shrink)."""
-    assert _oversize() <= KNOWN_OVERSIZE
-
-
-@pytest.mark.xfail(strict=True, reason="train.run and eval.main belong to the real-model and redaction "
-                                       "work in flight; the lead splits them after merging it")
 def test_no_function_is_oversize():
-    assert not _oversize()
+    """< 80 lines a function, < 25 a main(): every unit of stages/ reads on one screen."""
+    assert not _oversize(), f"split these: {sorted(_oversize())}"
+
+
+def test_the_size_rule_can_fail(tmp_path, monkeypatch):
+    """The checker sees a long function and a long main() (it is not vacuously empty)."""
+    monkeypatch.setattr(__import__(__name__), "STAGES", tmp_path)
+    (tmp_path / "probe.py").write_text("def f():\n" + "    x = 1\n" * 79 + "def main():\n" + "    y = 2\n" * 24)
+    assert _oversize() == {"probe.f", "probe.main"}
 
 
 def _code_deps(module: str, seen: set[str] | None = None) -> set[str]:

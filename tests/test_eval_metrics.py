@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from schemas.training import EvalParams
+from schemas.training import AdapterManifest, EvalParams
 from stages import metrics as M
 from stages.chat import reference_text
 from stages.eval import build_results, score_predictions, workflow_csv
@@ -173,8 +173,10 @@ def test_score_predictions_overall_and_per_workflow():
 
 def test_build_results_is_deterministic_and_carries_openclaw_fields():
     params = EvalParams(bootstrap_samples=200)
-    info = {"base_model": {"name": "embedded", "revision": None, "weights_digest": "w"}, "adapter_digest": "a",
-            "dataset_digest": "d"}
+    info = AdapterManifest.model_validate({
+        "base_model": {"name": "embedded", "revision": None, "weights_digest": "w"}, "adapter_digest": "a",
+        "dataset_digest": "d", "base_kind": "embedded", "adapter_dir": "adapter",
+        "chat_template": {"name": "model", "digest": "t"}, "quantization": "none", "max_length": 512})
     r1 = build_results(_pred_rows(), params, info, 0)
     r2 = build_results(_pred_rows(), params, info, 0)
     assert r1 == r2

@@ -25,6 +25,12 @@ def manifest_file() -> dict:
     return dataset_manifest(MANIFEST["build"], MANIFEST["digest"])
 
 
+def leak_report_file() -> dict:
+    """CLEAN_LEAKS as a whole leak_report.json (schemas.records.LeakReport: the stage reads it through that model)."""
+    return {**CLEAN_LEAKS, "hits_listed": 0, "by_detector": {}, "by_file": {}, "skipped_binary": 0, "lines_scanned": 40,
+            "bytes_scanned": 4000, "scanned": ["data"], "canaries": {"plain": 0, "sha256": 0}}
+
+
 def decide(*args, **kw):
     """gate.decide with a clean leak report unless a test passes its own."""
     kw.setdefault("leaks", CLEAN_LEAKS)
@@ -160,6 +166,9 @@ def test_cli_writes_deterministic_decision_and_report(tmp_path, monkeypatch, cap
     with pytest.raises(ValueError, match="manifest.json: not a valid DatasetManifest"):  # read through its model
         gate.main(argv)
     (tmp_path / "manifest.json").write_text(json.dumps(manifest_file()))
+    with pytest.raises(ValueError, match="leaks.json: not a valid LeakReport"):  # so is the leak report
+        gate.main(argv)
+    (tmp_path / "leaks.json").write_text(json.dumps(leak_report_file()))
     gate.main(argv)
     first = (tmp_path / "data/gate/gate_decision.json").read_bytes()
     gate.main(argv)

@@ -1,6 +1,6 @@
-"""Typed hand-offs: every file one data stage writes and another reads is read back through its model in
-schemas/ (core.read_model / core.read_models), on real outputs of the example snapshot; and the rule that
-decides which of two near duplicates survives."""
+"""Typed hand-offs: every file one stage writes and another reads is read back through its model in schemas/
+(core.read_model / core.read_models), on real outputs: the data stages' on the example snapshot, the model half's
+on conftest's tiny task; and the rule that decides which of two near duplicates survives."""
 from __future__ import annotations
 
 import json
@@ -13,10 +13,11 @@ import pytest
 
 from conftest import TEST_KEY, write_snapshot
 from schemas.params import BuildDatasetParams, ExportParams, RedactParams
-from schemas.records import (ContextCard, DatasetManifest, EvalCase, Exclusion, FlywheelMetrics, Reject, SplitRow,
-                             Trace, TraceRecord, TrainingExample)
+from schemas.records import (ContextCard, DatasetManifest, EvalCase, Exclusion, FlywheelMetrics, LeakReport, Reject,
+                             SplitRow, Trace, TraceRecord, TrainingExample)
+from schemas.training import (AdapterManifest, BaseManifest, EvalResults, GateDecision, Prediction, TrainMetrics)
 from stages import build_dataset, export, redact
-from stages.core import atomic_dir, read_json, read_model, read_models, write_json
+from stages.core import atomic_dir, read_json, read_model, read_models, write_json, write_jsonl
 from stages.detectors import Redactor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +80,39 @@ def test_export_still_validates_against_agentic_stack(work):
     ex = json.loads(open(work / "export/training-examples.jsonl").readline())
     # the conversation is not repeated: it is the trace the example names
     assert "messages" not in ex["metadata"] and set(ex["metadata"]) >= {"bucket", "source", "outcome"}
+
+
+# The model half's files (conftest's model_half: base and train in run/, eval, leaks and gate in e2e/) -> model.
+MODEL_HALF = {
+    "run/data/base/model.json": BaseManifest, "run/data/train/model.json": AdapterManifest,
+    "run/metrics/train.json": TrainMetrics, "e2e/data/eval/predictions.jsonl": Prediction,
+    "e2e/data/eval/eval_results.json": EvalResults, "e2e/data/leaks/leak_report.json": LeakReport,
+    "e2e/data/gate/gate_decision.json": GateDecision,
+}
+
+
+def test_the_model_half_hands_on_typed_files(model_half, tmp_path):
+    """Each file reads back through its model, and the model describes all of it: dumped again, it gives the
+    file's own bytes (so nothing is written beside the model)."""
+    got = {}
+    for name, model in MODEL_HALF.items():
+        where, rel = name.split("/", 1)
+        path = model_half[where] / rel
+        again = tmp_path / path.name
+        if rel.endswith(".jsonl"):
+            got[name] = rows = list(read_models(path, model))
+            write_jsonl(again, (r.model_dump(mode="json", by_alias=True, exclude_unset=True) for r in rows))
+            assert rows and len(rows) == path.read_bytes().count(b"\n"), name
+        else:
+            got[name] = obj = read_model(path, model)
+            write_json(again, obj.model_dump(mode="json", by_alias=True, exclude_unset=True))
+        assert again.read_bytes() == path.read_bytes(), name
+    adapter, res = got["run/data/train/model.json"], got["e2e/data/eval/eval_results.json"]
+    # the identities each stage carries on are the ones the stage before it wrote
+    assert adapter.base_model.weights_digest == got["run/data/base/model.json"].weights_digest
+    assert res.adapter_digest == adapter.adapter_digest == got["run/metrics/train.json"].adapter_digest
+    assert res.base_model == adapter.base_model == got["e2e/data/gate/gate_decision.json"].base_model
+    assert res.dataset_digest == adapter.dataset_digest and len(got["e2e/data/eval/predictions.jsonl"]) == 2 * res.n
 
 
 def test_a_bad_line_names_the_file_and_line(tmp_path):

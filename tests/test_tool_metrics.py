@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from schemas.training import EvalParams, GateParams
+from schemas.training import AdapterManifest, EvalParams, GateParams
 from stages import gate
 from stages import metrics as M
 from stages.chat import render_tool_call
@@ -64,8 +64,10 @@ def test_per_workflow_tool_metrics_with_paired_bootstrap_cis():
     assert "tool_call_accuracy" not in chat["delta"]
 
 
-INFO = {"base_model": {"name": "embedded", "revision": None, "weights_digest": "w"}, "adapter_digest": "a",
-        "dataset_digest": MANIFEST["digest"]}
+INFO = AdapterManifest.model_validate({  # data/train/model.json, as eval reads it
+    "base_model": {"name": "embedded", "revision": None, "weights_digest": "w"}, "adapter_digest": "a",
+    "dataset_digest": MANIFEST["digest"], "base_kind": "embedded", "adapter_dir": "adapter",
+    "chat_template": {"name": "model", "digest": "t"}, "quantization": "none", "max_length": 512})
 
 
 def _decide(spec, **params):

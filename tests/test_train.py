@@ -1,85 +1,20 @@
 """train (and an end-to-end train -> eval -> gate) on a tiny CPU fixture, with the embedded base.
 
 Kept small: one tiny training in this process, an identical one in a subprocess (another hash seed) for the
-byte-for-byte determinism check, and one eval of the first.
+byte-for-byte determinism check, and one eval of the first (the session fixtures tiny, two_runs and model_half in
+conftest.py, which test_handoffs.py reuses).
 """
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from model_fixture import INTENT_SYS, write_splits
+from model_fixture import INTENT_SYS
 from schemas.training import EvalResults, TrainParams
 from stages import train as T
 
-ROOT = Path(__file__).resolve().parents[1]
-
-PARAMS = """\
-base:
-  seed: 3
-  max_length: 128
-  cpu_threads: 1
-  embedded: {vocab_size: 400, hidden_size: 64, intermediate_size: 192, pretrain_epochs: 30, pretrain_lr: 0.01}
-train:
-  seed: 3
-  cpu_threads: 1
-  learning_rate: 0.01
-  num_epochs: 12
-  batch_size: 16
-  eval_steps: 12
-  max_length: 128
-  lora: {r: 8, alpha: 16}
-redact: {}
-leaks: {workers: 1}
-eval:
-  batch_size: 16
-  bootstrap_samples: 300
-gate:
-  min_eval_examples: 20
-"""
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    paths = write_splits(folder / "data", 64, 16, 24, seed=1, kinds=["intent"])
-    (folder / "params.yaml").write_text(PARAMS)
-    return folder, paths
-
-
-def _base_argv(folder: Path, paths: dict, run: str) -> list[str]:
-    return ["--params", str(folder / "params.yaml"), "--train", str(paths["train"]), "--out", f"{run}/data/base"]
-
-
-def _train_argv(folder: Path, paths: dict, run: str) -> list[str]:
-    return ["--params", str(folder / "params.yaml"), "--base", f"{run}/data/base", "--train", str(paths["train"]),
-            "--val", str(paths["val"]),
-            "--manifest", str(paths["manifest"]), "--out", f"{run}/data/train", "--metrics",
-            f"{run}/metrics/train.json", "--loss-csv", f"{run}/metrics/train_loss.csv"]
-
-
-@pytest.fixture(scope="module")
-def two_runs(tiny):
-    folder, paths = tiny
-    cwd = os.getcwd()
-    from stages import base as B
-
-    os.chdir(folder)
-    try:
-        B.main(_base_argv(folder, paths, "run_a"))
-        T.main(_train_argv(folder, paths, "run_a") + ["--timing", "timing_a.json"])  # outside run_a: not compared
-    finally:
-        os.chdir(cwd)
-    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(ROOT)}
-    for stage, argv in (("base", _base_argv), ("train", _train_argv)):
-        subprocess.run([sys.executable, "-m", f"stages.{stage}", *argv(folder, paths, "run_b")], cwd=folder,
-                       env=env, check=True, capture_output=True)
-    return folder / "run_a", folder / "run_b"
 
 
 def _files(run: Path) -> dict[str, bytes]:
@@ -135,34 +70,24 @@ def test_train_outputs(two_runs, tiny):
     assert config["base_model_name_or_path"] == "embedded"
 
 
-def test_adapter_beats_baseline_end_to_end(two_runs, tiny, capsys):
+def test_adapter_beats_baseline_end_to_end(model_half, tiny):
+    """model_half (conftest): eval, leaks and gate of the first run's adapter."""
     from stages import eval as E
-    from stages import gate as G
 
-    run, _ = two_runs
     folder, paths = tiny
-    params = str(folder / "params.yaml")
-    E.main(["--params", params, "--base", str(run / "data/base"), "--model-dir", str(run / "data/train"),
-            "--val", str(paths["val"]), "--eval",
-            str(paths["eval"]), "--out", str(run / "data/eval"), "--per-workflow-csv", str(run / "metrics/wf.csv")])
-    res = EvalResults.model_validate_json((run / "data/eval/eval_results.json").read_text())
+    run, e2e = model_half["run"], model_half["e2e"]
+    res = EvalResults.model_validate_json((e2e / "data/eval/eval_results.json").read_text())
     assert res.n == 40
     assert res.finetuned.exact_match >= res.baseline.exact_match + 0.3, (res.baseline, res.finetuned)
     assert res.ci["exact_match"].low > 0 and res.mcnemar_exact_match.p_value < 0.05
-    preds = (run / "data/eval/predictions.jsonl").read_text().splitlines()
+    preds = (e2e / "data/eval/predictions.jsonl").read_text().splitlines()
     assert len(preds) == 80 and {json.loads(p)["model"] for p in preds} == {"baseline", "adapter"}
-    first = (run / "data/eval/eval_results.json").read_bytes()
-    E.main(["--params", params, "--base", str(run / "data/base"), "--model-dir", str(run / "data/train"),
-            "--val", str(paths["val"]), "--eval",
-            str(paths["eval"]), "--out", str(run / "data/eval"), "--per-workflow-csv", str(run / "metrics/wf.csv"),
-            "--rescore"])
-    assert (run / "data/eval/eval_results.json").read_bytes() == first  # recomputable without a model
-    from stages.leaks import main as scan_main
-
-    scan_main(["--params", params, "--out", str(run / "data/leaks"), "--scan", str(run / "data"), str(paths["manifest"])])
-    G.main(["--params", params, "--eval-results", str(run / "data/eval/eval_results.json"), "--manifest",
-            str(paths["manifest"]), "--leaks", str(run / "data/leaks/leak_report.json"), "--out", str(run / "data/gate")])
-    decision = json.loads((run / "data/gate/gate_decision.json").read_text())
+    first = (e2e / "data/eval/eval_results.json").read_bytes()
+    E.main(["--params", str(folder / "params.yaml"), "--base", str(run / "data/base"), "--model-dir",
+            str(run / "data/train"), "--val", str(paths["val"]), "--eval", str(paths["eval"]), "--out",
+            str(e2e / "data/eval"), "--per-workflow-csv", str(e2e / "metrics/wf.csv"), "--rescore"])
+    assert (e2e / "data/eval/eval_results.json").read_bytes() == first  # recomputable without a model
+    decision = json.loads((e2e / "data/gate/gate_decision.json").read_text())
     assert decision["checks"]["exact_delta_ok"] is True
     assert decision["checks"]["leak_scan_ok"] is True, decision["check_details"]["leak_scan_ok"]
     assert decision["adapter_digest"] == res.adapter_digest
