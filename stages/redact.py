@@ -299,16 +299,16 @@ def _cleared(data: bytes, redactor: Redactor, canaries: Sequence[tuple[str, byte
 
 
 def _prepare(fields: dict[str, Any], redactor: Redactor, cache: CleanCache | None,
-             canaries: Sequence[tuple[str, bytes]] = (), fast: bool = True) -> _Pending:
+             canaries: Sequence[tuple[str, bytes]] = (), fast: bool = True) -> _Pending | None:
     """Take every string out of a normalised record (dict keys and tool-call argument values
-    included) and reserve the placeholders already in them; the scan itself comes later. A record
-    `_cleared` is done at once (`fast=False` forces the full path)."""
+    included) and reserve the placeholders already in them; the scan itself comes later. None for a
+    record `_cleared`: it is done as it is, tool-call arguments back to text (`fast=False` forces the
+    full path). No _Pending is built for those ~90% of records."""
     arguments_as_values(fields["messages"])
     data = _dump(fields)
     if fast and _cleared(data, redactor, canaries):
-        p = _Pending(fields)
-        p.done = fields
-        return p
+        arguments_as_text(fields["messages"])
+        return None
     return _prepare_full(fields, data, redactor, cache, canaries)
 
 
@@ -412,6 +412,8 @@ def redact_fields(fields: dict[str, Any], redactor: Redactor, cache: CleanCache 
                   canaries: Sequence[tuple[str, bytes]] = (), fast: bool = True) -> tuple[dict[str, Any], Counter]:
     """Redact every string of a normalised record; returns it with per-detector counts."""
     p = _prepare(fields, redactor, cache, canaries, fast)
+    if p is None:
+        return fields, Counter()
     return _finish(p, _scan_many([p], redactor)[0], redactor, cache)
 
 
@@ -484,13 +486,10 @@ class Worker:
                 continue
             source_id = fields.pop("source_id")
             ineligible = eligibility(fields, self.params)
-            arguments_as_values(fields["messages"])
-            data = _dump(fields)
-            if self.fast and _cleared(data, self.redactor, self.canaries):  # ~90% of records
-                arguments_as_text(fields["messages"])
+            p = _prepare(fields, self.redactor, self.cache, self.canaries, self.fast)
+            if p is None:  # cleared by the prefilter (~90% of records): finished on the spot
                 results[slot] = self.trace(fields, None, source_id, ineligible, rel, bucket, lineno)
                 continue
-            p = _prepare_full(fields, data, self.redactor, self.cache, self.canaries)
             pending.append((slot, lineno, source_id, ineligible, p))
         found = _scan_many([p for *_, p in pending], self.redactor)
         for (slot, lineno, source_id, ineligible, p), f in zip(pending, found):

@@ -102,10 +102,8 @@ def test_prefilter_never_clears_a_record_the_full_path_changes(hyperscan, prefix
         rec = {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": None, "tool_calls": [
             {"id": "c", "type": "function", "function": {"name": "f", "arguments": orjson.dumps(args).decode()}}]}],
             "extra": {"note": suffix, key: value}}
-        p = R._prepare(orjson.loads(orjson.dumps(rec)), w.redactor, None, fast=True)
-        fast = R._finish(p, R._scan_many([p], w.redactor)[0], w.redactor, None)
-        p2 = R._prepare(orjson.loads(orjson.dumps(rec)), w.redactor, None, fast=False)
-        full = R._finish(p2, R._scan_many([p2], w.redactor)[0], w.redactor, None)
+        fast = R.redact_fields(orjson.loads(orjson.dumps(rec)), w.redactor, None, fast=True)
+        full = R.redact_fields(orjson.loads(orjson.dumps(rec)), w.redactor, None, fast=False)
         assert orjson.dumps(fast[0]) == orjson.dumps(full[0]) and fast[1] == full[1], text
 
 
