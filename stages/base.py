@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.training import PRESETS, BaseManifest, BaseParams
-from stages.basemodel import file_digest
+from stages.basemodel import file_digest, pin_cpu_math
 from stages.core import atomic_dir, content_id, load_params, read_jsonl, write_json
 
 # The files of a model folder we take: weights (safetensors only), configs, tokenizer and chat template.
@@ -250,6 +250,7 @@ def run(params: BaseParams, train_path: str, out: Path) -> BaseManifest:
     if not params.allow_download:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     source_kind(params.source)  # a bad source fails before torch is imported
+    pin_cpu_math()
     import torch
     import transformers
 

@@ -13,11 +13,13 @@ It is not a language model you would deploy: about 0.4M parameters with the defa
 a 2,048-token vocabulary fitted to one dataset) and no knowledge beyond its train split. Point base.source at
 a real model (a preset, a GGUF file, a local folder or a hub id: stages/base.py) for real use.
 
-Also here, shared by base, train and eval: file digests and the check of data/base against its model.json.
+Also here, shared by base, train and eval: file digests, the check of data/base against its model.json, and the
+CPU math settings that make their results independent of the thread count.
 """
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections import defaultdict
 from pathlib import Path
@@ -26,6 +28,19 @@ from typing import Any, Sequence
 from schemas.training import BaseManifest, EmbeddedBaseParams
 from stages.chat import render_tool_call
 from stages.core import content_id, read_model
+
+def pin_cpu_math() -> None:
+    """Make MKL's float results independent of how many threads it runs. Call before torch is first imported.
+
+    Why: torch's CPU wheel does its matmuls in MKL, which splits a long reduction (a LoRA weight gradient sums over
+    batch x sequence) by thread count, so 1 and 2 threads give different bits, and with MKL_DYNAMIC (on by default)
+    MKL may change the count at run time. Conditional numerical reproducibility in STRICT mode fixes the order
+    whatever the count; on the 2-core machine it cost no measurable time (tests/test_train.py checks the bits).
+    Results still depend on the instruction set MKL picks (AVX2 vs AVX-512). A user's own MKL_* settings win.
+    """
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+    os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+
 
 SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"]
 PAD, EOS = "<|pad|>", "<|end|>"

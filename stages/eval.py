@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 from schemas.training import AdapterManifest, EvalParams, EvalResults, Prediction
 from stages import metrics as M
+from stages.basemodel import pin_cpu_math
 from stages.chat import parse_tools, reference_text
 from stages.core import (content_id, load_params, read_jsonl, read_model, read_models, write_json, write_jsonl,
                          write_text)
@@ -207,6 +208,7 @@ def predict(params: EvalParams, base_dir: Path, model_dir: Path, val_path: str, 
     """Both models' greedy answers to every held-out case: (prediction rows, prompts truncated)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    pin_cpu_math()
     import torch
     import transformers
 

@@ -45,7 +45,7 @@ from schemas.records import DatasetManifest
 from schemas.training import (AdapterManifest, BaseManifest, BaseModelIdentity, ChatTemplateRef, TrainMetrics,
                               TrainParams)
 from stages import templates
-from stages.basemodel import check_base
+from stages.basemodel import check_base, pin_cpu_math
 from stages.chat import normalize_tool_calls, parse_tools
 from stages.core import content_id, load_params, read_json, read_jsonl, read_model, write_json, write_text
 
@@ -509,6 +509,7 @@ def setup(params: TrainParams, base_dir: Path) -> Device:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the base is a local folder (the base stage's)
     embedded = read_model(base_dir / "model.json", BaseManifest).kind == "embedded"
+    pin_cpu_math()
     import datasets
     import torch
     import transformers

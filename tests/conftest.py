@@ -13,6 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
+from stages.basemodel import pin_cpu_math  # noqa: E402
+
+# Stages run in this process too (and in subprocesses, which pin it themselves): pin MKL's math before any test
+# imports torch, or an in-process run and a subprocess run could round differently.
+pin_cpu_math()
+
 TEST_KEY = b"test-key-0123456789abcdef-not-for-production"
 
 
@@ -86,12 +92,16 @@ def tiny(tmp_path_factory):
     return folder, paths
 
 
+def _params(folder: Path, run: str) -> str:
+    return str(folder / ("params_b.yaml" if run == "run_b" else "params.yaml"))
+
+
 def _base_argv(folder: Path, paths: dict, run: str) -> list[str]:
-    return ["--params", str(folder / "params.yaml"), "--train", str(paths["train"]), "--out", f"{run}/data/base"]
+    return ["--params", _params(folder, run), "--train", str(paths["train"]), "--out", f"{run}/data/base"]
 
 
 def _train_argv(folder: Path, paths: dict, run: str) -> list[str]:
-    return ["--params", str(folder / "params.yaml"), "--base", f"{run}/data/base", "--train", str(paths["train"]),
+    return ["--params", _params(folder, run), "--base", f"{run}/data/base", "--train", str(paths["train"]),
             "--val", str(paths["val"]),
             "--manifest", str(paths["manifest"]), "--out", f"{run}/data/train", "--metrics",
             f"{run}/metrics/train.json", "--loss-csv", f"{run}/metrics/train_loss.csv"]
@@ -99,9 +109,10 @@ def _train_argv(folder: Path, paths: dict, run: str) -> list[str]:
 
 @pytest.fixture(scope="session")
 def two_runs(tiny):
-    """base and train twice: in this process, and in a subprocess with another hash seed (tests/test_train.py
-    compares the two byte for byte, so nothing else writes into either run folder)."""
+    """base and train twice: in this process with 1 thread, and in a subprocess with another hash seed and 2
+    threads (tests/test_train.py compares the two byte for byte, so nothing else writes into either run folder)."""
     folder, paths = tiny
+    (folder / "params_b.yaml").write_text(MODEL_PARAMS.replace("cpu_threads: 1", "cpu_threads: 2"))
     cwd = os.getcwd()
     from stages import base as B
     from stages import train as T
