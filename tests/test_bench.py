@@ -94,10 +94,13 @@ def test_smoke_run_writes_results_with_the_agreed_structure(tmp_path):
     full["dvc_overhead"] = dvc_overhead(full, res["stages"])
     full["speedup_vs_openclaw"] = res["openclaw"]["wall_s"] / full["seconds"]
     assert abs(full["dvc_overhead"]["wall_s"] - 1.5) < 1e-6 and abs(full["dvc_overhead"]["cpu_s"] - 1.0) < 1e-6
-    res["extras"] = {"repro_data_stages": full}
+    floor = {"seconds": 2.0, "cpu_s": 1.5, "outs_mb": 300.0, "target_budget_s": 1.0, "best_possible_speedup_vs_openclaw": 0.5}
+    res["extras"] = {"repro_data_stages": full, "dvc_floor": floor}
     res["targets"] = _targets(res)
     shown = table(res)
     assert "DVC overhead" in shown and "cache.type reflink,hardlink,copy" in shown and "redact / floor" in shown
+    assert "DVC floor (3 stages that only copy our 300 MB of outputs): 2.00s wall" in shown
+    assert "allows 1.00s in all, so at best 0.50x under dvc repro" in shown
     assert res["targets"]["dvc_repro_speedup_vs_openclaw"]["value"] == full["speedup_vs_openclaw"]
 
 
@@ -108,3 +111,26 @@ def test_refuses_to_clear_a_folder_it_did_not_make(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "refusing" in proc.stderr
     assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+def test_dvc_floor_repros_copies_of_the_stage_outputs(tmp_path):
+    """The DVC floor really runs `dvc repro` of three copy-only stages over the given outputs: it reports their
+    size, and leaves nothing behind."""
+    import shutil
+
+    from bench.run import child_env, dvc_floor
+
+    env = child_env()
+    dvc = shutil.which("dvc", path=env["PATH"])
+    work, dest = tmp_path / "work", tmp_path / "dest"
+    (work / "raw" / "traces").mkdir(parents=True)
+    (work / "raw" / "traces" / "a.jsonl").write_text('{"messages": []}\n')
+    sizes = {"redact": 1000, "export": 2000, "build_dataset": 3000}
+    for name, n in sizes.items():
+        (dest / "data" / name).mkdir(parents=True)
+        (dest / "data" / name / "part.jsonl").write_bytes(b"x" * n)
+    (work / "logs").mkdir()
+    res = dvc_floor(work, dest, dvc, env)
+    assert res["outs_mb"] == sum(sizes.values()) / 1e6
+    assert res["seconds"] > 0 and res["cpu_s"] > 0
+    assert not (work / "dvcfloor").exists()
