@@ -29,6 +29,7 @@ from schemas.training import BaseManifest, EmbeddedBaseParams
 from stages.chat import render_tool_call
 from stages.core import content_id, read_model
 
+
 def pin_cpu_math() -> None:
     """Make MKL's float results independent of how many threads it runs. Call before torch is first imported.
 
